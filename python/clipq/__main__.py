@@ -1,0 +1,3 @@
+from clipq.cli import main
+
+raise SystemExit(main())

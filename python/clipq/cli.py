@@ -1,0 +1,95 @@
+"""The `clipq` command line: one subcommand per library call, listed in workflow order."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import clipq
+from clipq.errors import ClipqError
+
+
+def _doctor(args) -> int:
+    from clipq import doctor
+
+    return 0 if doctor.report(sys.stdout) else 1
+
+
+def _train(args) -> int:
+    from clipq import train
+
+    result = train.train(args.solver, output=args.output, weights=args.weights, log=args.log,
+                         progress=not args.no_progress)
+    print(result)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from clipq import caffe_io
+
+    scores = caffe_io.evaluate(args.model, args.weights, iterations=args.iterations)
+    if args.json:
+        print(json.dumps(scores, indent=2))
+    else:
+        for name, value in scores.items():
+            print(f"{name:<12}{value:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipq",
+        description="CLIP-Q (Tung & Mori, CVPR 2018): in-parallel pruning-quantization of Caffe models, "
+                    "fine-tuned inside real Caffe.")
+    parser.add_argument("--version", action="version", version=f"clipq {clipq.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("doctor", help="check the installation: Caffe build, Python packages, BLAS, data",
+                       description="Print versions and locations of Caffe (and which source it was built "
+                                   "from), numpy, protobuf, GPyOpt, BLAS and the datasets. Exit 1 if "
+                                   "something required is missing.")
+    p.set_defaults(func=_doctor)
+
+    p = sub.add_parser("train", help="run `caffe train` resumably, with a progress bar",
+                       description="Train with the real `caffe train --solver SOLVER`. Resumes from the newest "
+                                   "<snapshot_prefix>_iter_N.solverstate; Ctrl-C makes Caffe snapshot first. "
+                                   "Paths inside the solver are relative to the current directory.")
+    p.add_argument("--solver", type=Path, required=True, help="solver prototxt")
+    p.add_argument("--weights", type=Path, help="caffemodel to start from (ignored when resuming)")
+    p.add_argument("--output", type=Path, help="copy the final caffemodel here (atomically)")
+    p.add_argument("--log", type=Path, help="Caffe's log (default: <snapshot_prefix>.log)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="accuracy/loss of a train_val net over its TEST data",
+                       description="Run a train_val prototxt in TEST phase with the given weights over its "
+                                   "TEST Data layer's LMDB (once through, by default) and print the mean of "
+                                   "each scalar output (accuracy, loss).")
+    p.add_argument("--model", type=Path, required=True, help="train_val prototxt with a TEST Data layer")
+    p.add_argument("--weights", type=Path, required=True, help="caffemodel")
+    p.add_argument("--iterations", type=int, help="TEST batches to run (default: the whole LMDB once)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except ClipqError as e:
+        print(f"clipq {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clipq {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""`clipq doctor`: what clipq runs on (Caffe build and source, numpy, protobuf, GPyOpt, BLAS, data)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import clipq
+from clipq import paths
+
+REQUIRED_MODULES = [  # (import name, distribution name)
+    ("numpy", "numpy"), ("google.protobuf", "protobuf"), ("GPyOpt", "GPyOpt"), ("GPy", "GPy"),
+    ("numba", "numba"), ("lmdb", "lmdb"), ("tqdm", "tqdm"), ("yaml", "PyYAML"), ("matplotlib", "matplotlib"),
+]
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    version: str
+    where: str
+
+
+def _module_check(module: str, dist: str) -> Check:
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:  # a missing parent package (e.g. `google` for google.protobuf)
+        spec = None
+    if spec is None:
+        return Check(dist, False, "MISSING", "run `make install`")
+    try:
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    where = spec.origin or (spec.submodule_search_locations or ["?"])[0]
+    return Check(dist, True, version, str(Path(where).parent))
+
+
+def read_build_stamp(caffe_root: Path) -> dict[str, str]:
+    """The key=value facts tools/install_caffe.sh wrote about this Caffe build."""
+    stamp = caffe_root / ".clipq-built"
+    if not stamp.exists():
+        return {}
+    return dict(line.split("=", 1) for line in stamp.read_text().splitlines() if "=" in line)
+
+
+def _caffe_checks() -> list[Check]:
+    try:
+        import caffe
+    except Exception as e:  # noqa: BLE001 - any import failure is the finding
+        return [Check("pycaffe", False, "MISSING", f"import caffe failed: {e}; run `make install`")]
+    root = Path(caffe.__file__).resolve().parents[2]
+    stamp = read_build_stamp(root)
+    checks = [
+        Check("pycaffe", True, getattr(caffe, "__version__", "?"), str(Path(caffe.__file__).parent)),
+        Check("caffe source", bool(stamp), f"{stamp.get('source_kind', 'unknown')} {stamp.get('commit', '')[:7]}",
+              stamp.get("source", f"{root} was not built by clipq's tools/install_caffe.sh")),
+        Check("caffe build", True, stamp.get("built", "?"), str(root)),
+        Check("caffe python layers", "Python" in caffe.layer_type_list(), "WITH_PYTHON_LAYER",
+              "ok" if "Python" in caffe.layer_type_list() else "rebuild with WITH_PYTHON_LAYER := 1"),
+        _blas_check(),
+        _caffe_cli_check(),
+    ]
+    if stamp.get("source_kind") == "brocolli":
+        checks.append(Check("WARNING", True, "Caffe is brocolli-caffe 9.0.2, NOT pristine BVLC",
+                            "install with the BVLC mirror or GitHub reachable to get BVLC 9b89154"))
+    return checks
+
+
+def _blas_check() -> Check:
+    """The BLAS library the loaded pycaffe actually uses (from this process's memory map)."""
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    libs = sorted({line.split()[-1] for line in maps if "blas" in line.rsplit("/", 1)[-1]})
+    caffe_blas = [lib for lib in libs if "openblas" in lib] or libs
+    if not caffe_blas:
+        return Check("BLAS", False, "not found", "pycaffe loaded no BLAS library")
+    return Check("BLAS", True, _openblas_version(caffe_blas[0]), caffe_blas[0])
+
+
+def _openblas_version(lib: str) -> str:
+    import ctypes
+
+    try:
+        config = ctypes.CDLL(lib).openblas_get_config
+        config.restype = ctypes.c_char_p
+        return config().decode().split(" DYNAMIC")[0]
+    except (OSError, AttributeError):
+        return Path(lib).name
+
+
+def _caffe_cli_check() -> Check:
+    from clipq.errors import ClipqError
+    from clipq.train import caffe_binary
+
+    try:
+        binary = caffe_binary()
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+    except (ClipqError, OSError, subprocess.SubprocessError) as e:
+        return Check("caffe CLI", False, "MISSING", str(e))
+    version = (out.stdout + out.stderr).strip().splitlines()
+    return Check("caffe CLI", out.returncode == 0, version[-1] if version else "?", str(binary))
+
+
+def _data_checks() -> list[Check]:
+    from clipq.datasets import lmdb_count
+
+    checks = []
+    for split in ("train", "test"):
+        path = paths.data_dir() / "fashion_mnist" / f"{split}_lmdb"
+        count = lmdb_count(path)
+        # Data is made by `make data`; its absence is information, not a broken install.
+        checks.append(Check(f"fashion-mnist {split}", True, f"{count} images" if count else "not made yet",
+                            str(path) if count else "run `make data`"))
+    return checks
+
+
+def report(out: TextIO = sys.stdout) -> bool:
+    """Print every check as a table; return False when something required is missing or broken."""
+    checks = [Check("clipq", True, clipq.__version__, str(Path(clipq.__file__).parent)),
+              Check("python", True, sys.version.split()[0], sys.executable)]
+    checks += [_module_check(module, dist) for module, dist in REQUIRED_MODULES]
+    checks += _caffe_checks()
+    checks += _data_checks()
+    width = max(len(c.name) for c in checks)
+    for c in checks:
+        print(f"{'ok ' if c.ok else 'BAD'} {c.name:<{width}}  {c.version:<28} {c.where}", file=out)
+    bad = [c.name for c in checks if not c.ok]
+    print(f"\n{'problems: ' + ', '.join(bad) if bad else 'all checks passed'}", file=out)
+    return not bad

@@ -1,0 +1,5 @@
+"""The one exception type users see: a clear message naming the file, layer or field at fault."""
+
+
+class ClipqError(Exception):
+    """A problem with the user's input or environment. The CLI prints it without a traceback and exits 2."""

@@ -1,0 +1,68 @@
+"""clipq.caffe_io: Datum conversion, prototxt parsing errors, and TEST-phase evaluation."""
+
+from __future__ import annotations
+
+import lmdb
+import numpy as np
+import pytest
+
+from clipq import caffe_io, datasets, nets
+from clipq.errors import ClipqError
+
+
+@pytest.fixture
+def small_test_set(tmp_path):
+    """The first 100 Fashion-MNIST test images as an LMDB, and a LeNet-5 train_val reading it (batch 50)."""
+    split = datasets.load_split(datasets.DEBIAN_SOURCE, "test")
+    split = datasets.Split(split.images[:100], split.labels[:100])
+    datasets.write_lmdb(split, tmp_path / "test_lmdb")
+    data = nets.DataSpec(str(tmp_path / "test_lmdb"), str(tmp_path / "test_lmdb"), train_batch=50, test_batch=50,
+                         input_shape=(100, 1, 28, 28), scale=1 / 256)
+    (tmp_path / "train_val.prototxt").write_text(str(nets.train_val("t", nets.lenet5_body, data)))
+    (tmp_path / "deploy.prototxt").write_text(str(nets.deploy("t", nets.lenet5_body, data)))
+    return split, tmp_path
+
+
+def random_weights(deploy, path):
+    cf = caffe_io.caffe()
+    net = cf.Net(str(deploy), cf.TEST)
+    rng = np.random.default_rng(1)
+    for blobs in net.params.values():
+        for blob in blobs:
+            blob.data[...] = rng.normal(0, 0.1, blob.data.shape)
+    net.save(str(path))
+    return net
+
+
+def test_datum_round_trip_keeps_image_and_label():
+    image = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    decoded, label = caffe_io.datum_to_image(caffe_io.image_to_datum(image, 7))
+    assert np.array_equal(decoded, image) and label == 7
+
+
+def test_evaluate_equals_accuracy_computed_from_the_deploy_net(small_test_set):
+    split, d = small_test_set
+    deploy_net = random_weights(d / "deploy.prototxt", d / "w.caffemodel")
+    deploy_net.blobs["data"].data[...] = split.images[:, None] / 256.0
+    predicted = deploy_net.forward()["prob"].argmax(axis=1)
+    scores = caffe_io.evaluate(d / "train_val.prototxt", d / "w.caffemodel")
+    assert scores["accuracy"] == pytest.approx(np.mean(predicted == split.labels), abs=1e-6)
+    assert scores["loss"] > 0
+
+
+def test_test_iterations_cover_the_lmdb_once(small_test_set):
+    _, d = small_test_set
+    assert caffe_io.test_iterations(caffe_io.read_net_param(d / "train_val.prototxt")) == 2
+
+
+def test_evaluate_names_a_missing_weights_file(small_test_set):
+    _, d = small_test_set
+    with pytest.raises(ClipqError, match="nope.caffemodel: file not found"):
+        caffe_io.evaluate(d / "train_val.prototxt", d / "nope.caffemodel")
+
+
+def test_bad_prototxt_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.prototxt"
+    bad.write_text('name: "x"\nlayer { name: "a" typo: 3 }\n')
+    with pytest.raises(ClipqError, match=r"bad.prototxt: not a valid Caffe net prototxt: 2:"):
+        caffe_io.read_net_param(bad)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `make install`: Debian packages, the .venv with pinned Python packages, BVLC Caffe (built once
+# into the cache), and the glue that makes pycaffe, clipq and the plugin layers importable.
+# Idempotent: every step is skipped when its result is already there.
+#
+# env: PYTHON (base interpreter, default python3), VENV (default <repo>/.venv), and the CLIPQ_*
+#      variables of tools/install_caffe.sh.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+. "$here/lib.sh"
+VENV="${VENV:-$repo/.venv}"
+
+log "install 1/5: Debian packages (Fashion-MNIST)"
+apt_ensure dataset-fashion-mnist
+
+log "install 2/5: virtualenv $VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+    "${PYTHON:-python3}" -m venv "$VENV" \
+        || die "virtualenv" "cannot create $VENV with ${PYTHON:-python3}" "rm -rf $VENV; make install"
+fi
+req_hash=$(cat "$repo/requirements.txt" | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$VENV/.clipq-requirements" 2>/dev/null)" != "$req_hash" ]; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$repo/requirements.txt" >&2 \
+        || die "python packages" "pip could not install requirements.txt into $VENV" "check access to PyPI, then make install"
+    echo "$req_hash" > "$VENV/.clipq-requirements"
+fi
+
+log "install 3/5: BVLC Caffe"
+caffe_root=$("$here/install_caffe.sh" "$VENV/bin/python")
+
+log "install 4/5: pycaffe, clipq and layers/ on the venv's path; .venv/bin/caffe; cache -> $CLIPQ_CACHE"
+mkdir -p "$CLIPQ_CACHE"
+ln -sfn "$CLIPQ_CACHE" "$repo/cache"  # prototxts and solvers name data and models relative to the repo root
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+printf '%s\n' "$caffe_root/python" "$repo/layers" > "$site/clipq-caffe.pth"
+cat > "$VENV/bin/caffe.tmp" <<EOF
+#!/usr/bin/env bash
+# BVLC Caffe's \`caffe\` tool (built by clipq's tools/install_caffe.sh). Caffe's embedded Python
+# finds its packages through the first python3 on PATH, so this venv goes first; layers/ holds
+# clipq's Python layers for \`caffe train\`.
+export PATH="$VENV/bin:\$PATH"
+export PYTHONPATH="$repo/layers:$caffe_root/python\${PYTHONPATH:+:\$PYTHONPATH}"
+exec "$caffe_root/build/tools/caffe" "\$@"
+EOF
+chmod +x "$VENV/bin/caffe.tmp"
+mv "$VENV/bin/caffe.tmp" "$VENV/bin/caffe"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$repo" >&2 \
+    || die "clipq package" "pip install -e $repo failed" "make install"
+
+log "install 5/5: clipq doctor"
+"$VENV/bin/clipq" doctor >&2 || die "doctor" "clipq doctor found a problem (see above)" "make install"
