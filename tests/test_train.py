@@ -31,7 +31,7 @@ def write_solver(tmp_path, max_iter=40, snapshot=20):
 
 
 def logged_losses(log):
-    return [float(v) for v in re.findall(r"Iteration \d+ .*loss = ([0-9.e+-]+)", log.read_text())]
+    return [float(v) for v in re.findall(r"Iteration \d+\b.*?, loss = ([0-9.e+-]+)", log.read_text())]
 
 
 def test_caffe_cli_trains_a_net_with_a_python_layer(tmp_path, toy_layers_on_path):
@@ -39,7 +39,7 @@ def test_caffe_cli_trains_a_net_with_a_python_layer(tmp_path, toy_layers_on_path
     out = train.train(solver, output=tmp_path / "final.caffemodel", progress=False)
     losses = logged_losses(tmp_path / "snap" / "toy.log")
     assert out.stat().st_size > 0
-    assert len(losses) == 40  # display: 1, iterations 0..39
+    assert len(losses) == 41  # display: 1: iterations 0..39, then the final loss at 40
     assert losses[-1] < 0.1 * losses[0]  # the gradient of the Python loss layer reached the weights
 
 

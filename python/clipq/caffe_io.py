@@ -105,3 +105,112 @@ def evaluate(prototxt: str | os.PathLike, weights: str | os.PathLike, iterations
             if value.size == 1:
                 totals[name] = totals.get(name, 0.0) + float(value.flat[0])
     return {name: total / iterations for name, total in totals.items()}
+
+
+class SingleLayerNet:
+    """One Caffe layer (Convolution, InnerProduct, ...) run through its own pycaffe Net (Input -> layer).
+
+    The CLIP-Q Python layers use it so that Caffe's own code does the convolution or product, forward
+    and backward; they only swap in the quantized weights.
+    """
+
+    def __init__(self, layer_type: str, param_field: str, param, input_shape: tuple[int, ...], phase: int):
+        import tempfile
+
+        cf = caffe()
+        net_param = caffe_pb2().NetParameter(name=f"clipq_{layer_type}", force_backward=True)
+        source = net_param.layer.add(name="input", type="Input", top=["x"])
+        source.input_param.shape.add(dim=list(input_shape))
+        layer = net_param.layer.add(name="layer", type=layer_type, bottom=["x"], top=["y"])
+        getattr(layer, param_field).CopyFrom(param)
+        with tempfile.NamedTemporaryFile("w", suffix=".prototxt") as f:
+            f.write(str(net_param))
+            f.flush()
+            self.net = cf.Net(f.name, cf.TRAIN if phase == cf.TRAIN else cf.TEST)
+        self.x, self.y = self.net.blobs["x"], self.net.blobs["y"]
+        self.params = self.net.params["layer"]
+
+    def reshape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Reshape the input (and the net) if needed; return the output shape."""
+        if tuple(self.x.shape) != tuple(shape):
+            self.x.reshape(*shape)
+            self.net.reshape()
+        return tuple(self.y.shape)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """The layer's output for input x (a view of the inner net's blob)."""
+        self.x.data[...] = x
+        self.net._forward(1, 1)
+        return self.y.data
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Input gradient for output gradient dy; parameter gradients accumulate into self.params diffs."""
+        self.y.diff[...] = dy
+        self.net._backward(1, 1)
+        return self.x.diff
+
+
+def read_caffemodel(path: str | os.PathLike):
+    """Parse a binary caffemodel into a NetParameter; a clear error if it is not one."""
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ClipqError(f"{path}: cannot read caffemodel ({e.strerror})") from None
+    net = caffe_pb2().NetParameter()
+    try:
+        net.ParseFromString(data)
+    except DecodeError as e:
+        raise ClipqError(f"{path}: not a binary caffemodel ({e})") from None
+    if len(net.layers) and not len(net.layer):
+        raise ClipqError(f"{path}: uses Caffe's deprecated V1 'layers' format; upgrade it first "
+                         "(Caffe's tools/upgrade_net_proto_binary)")
+    return net
+
+
+def write_caffemodel(net_param, path: str | os.PathLike) -> None:
+    """Serialize a NetParameter as a binary caffemodel, atomically."""
+    from clipq.atomic import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        f.write(net_param.SerializeToString())
+
+
+def blob_shape(blob) -> tuple[int, ...]:
+    """A BlobProto's shape (new `shape` field, or the legacy num/channels/height/width)."""
+    if blob.HasField("shape"):
+        return tuple(blob.shape.dim)
+    return tuple(d for d in (blob.num, blob.channels, blob.height, blob.width))
+
+
+def blob_to_array(blob) -> np.ndarray:
+    """A BlobProto's float data as a float32 array of its shape."""
+    values = blob.data if len(blob.data) else blob.double_data
+    return np.asarray(values, dtype=np.float32).reshape(blob_shape(blob))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def set_blob(blob, array: np.ndarray) -> None:
+    """Replace a BlobProto's content with `array` (shape + float data).
+
+    Encodes the protobuf wire format directly: filling a repeated float field element by element
+    takes seconds for a 37M-weight layer, parsing the encoded bytes takes milliseconds.
+    """
+    array = np.ascontiguousarray(array, dtype="<f4")
+    dims = b"".join(_varint(int(d)) for d in array.shape)
+    shape = b"\x0a" + _varint(len(dims)) + dims                     # BlobShape.dim = 1, packed
+    raw = array.tobytes()
+    encoded = (b"\x3a" + _varint(len(shape)) + shape                  # BlobProto.shape = 7
+               + b"\x2a" + _varint(len(raw)) + raw)                   # BlobProto.data = 5, packed
+    blob.Clear()
+    blob.MergeFromString(encoded)

@@ -1,0 +1,126 @@
+"""Per-layer pruning-quantization settings: the (p, b) plan file and the Python layers' param_str.
+
+A plan file (YAML or JSON) names layers and their pruning rate `p` and bit width `b` (`bits`):
+
+    version: 1
+    layers:
+      conv1: {p: 0.21, b: 8}
+      fc6:   {p: 0.96, b: 3}
+
+Layers not listed stay plain Caffe layers. A CLIP-Q layer's `python_param.param_str` is JSON holding
+`p`, `bits` and the wrapped layer's whole parameter message (`convolution_param` or
+`inner_product_param`), so the layer is self-describing. Pure Python: no Caffe import.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from clipq.atomic import atomic_write
+from clipq.errors import ClipqError
+from clipq.prune_quant import MAX_BITS
+
+PLAN_VERSION = 1
+WRAPPED = {"Convolution": "convolution_param", "InnerProduct": "inner_product_param"}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Pruning rate p in [0, 1) and bit width bits in 1..8 for one layer."""
+
+    p: float
+    bits: int
+
+    def __post_init__(self):
+        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not 0 <= self.p < 1:
+            raise ValueError(f"p must be a number in [0, 1), got {self.p!r}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= MAX_BITS:
+            raise ValueError(f"b (bits) must be an integer in 1..{MAX_BITS}, got {self.bits!r}")
+
+
+def _layer_plan(name: str, entry, source: str) -> LayerPlan:
+    if not isinstance(entry, dict):
+        raise ClipqError(f"{source}: layer '{name}': expected a mapping like {{p: 0.5, b: 4}}, got {entry!r}")
+    unknown = set(entry) - {"p", "b", "bits"}
+    if unknown:
+        raise ClipqError(f"{source}: layer '{name}': unknown field(s) {sorted(unknown)}; expected p and b")
+    if ("b" in entry) == ("bits" in entry) or "p" not in entry:
+        raise ClipqError(f"{source}: layer '{name}': needs p and exactly one of b / bits")
+    try:
+        return LayerPlan(entry["p"], entry.get("b", entry.get("bits")))
+    except ValueError as e:
+        raise ClipqError(f"{source}: layer '{name}': {e}") from None
+
+
+def parse_plan(data, source: str = "plan") -> dict[str, LayerPlan]:
+    """Validate a decoded plan document ({version, layers: {name: {p, b}}}) into {layer name: LayerPlan}."""
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
+        raise ClipqError(f"{source}: expected a mapping with a 'layers' mapping (see `clipq convert --help`)")
+    version = data.get("version", PLAN_VERSION)
+    if version != PLAN_VERSION:
+        raise ClipqError(f"{source}: plan version {version} is not supported (this clipq reads version {PLAN_VERSION})")
+    return {str(name): _layer_plan(str(name), entry, source) for name, entry in data["layers"].items()}
+
+
+def load_plan(path: str | Path) -> dict[str, LayerPlan]:
+    """Read a YAML or JSON plan file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ClipqError(f"{path}: cannot read plan ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)  # JSON is YAML too
+    except yaml.YAMLError as e:
+        raise ClipqError(f"{path}: not valid YAML/JSON: {e}") from None
+    return parse_plan(data, str(path))
+
+
+def save_plan(plan: dict[str, LayerPlan], path: str | Path, extra: dict | None = None) -> None:
+    """Write a plan (YAML, or JSON when the name ends in .json) atomically; `extra` adds top-level keys."""
+    doc = {"version": PLAN_VERSION, **(extra or {}),
+           "layers": {name: {"p": round(float(lp.p), 4), "b": int(lp.bits)} for name, lp in plan.items()}}
+    with atomic_write(path) as f:
+        if str(path).endswith(".json"):
+            json.dump(doc, f, indent=2)
+        else:
+            yaml.safe_dump(doc, f, sort_keys=False, default_flow_style=None)
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """What a CLIP-Q Python layer reads from its param_str."""
+
+    p: float
+    bits: int
+    type: str                      # wrapped Caffe layer type: Convolution | InnerProduct
+    param: dict = field(default_factory=dict)  # the wrapped *_param message, as protobuf's JSON mapping
+
+    def to_param_str(self) -> str:
+        return json.dumps({"p": self.p, "bits": self.bits, WRAPPED[self.type]: self.param}, sort_keys=True)
+
+    @classmethod
+    def from_param_str(cls, text: str, layer_type: str, layer_name: str = "?") -> "LayerConfig":
+        """Parse and validate; errors name the layer and the key."""
+        where = f"layer '{layer_name}' ({layer_type}) param_str"
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        key = WRAPPED[layer_type]
+        unknown = set(data) - {"p", "bits", key}
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected p, bits, {key}")
+        if key not in data or not isinstance(data[key], dict):
+            raise ValueError(f"{where}: '{key}' (the wrapped layer's parameters) is missing")
+        try:
+            lp = LayerPlan(data.get("p"), data.get("bits"))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return cls(lp.p, lp.bits, layer_type, data[key])
