@@ -19,3 +19,16 @@ def repo() -> Path:
 def toy_layers_on_path(monkeypatch):
     """Let `caffe train` (a subprocess) import tests/toy_layers.py."""
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_slices(tmp_path_factory):
+    """Small real Fashion-MNIST LMDBs: 'train' (first 6000), 'test' (first 1000), 'tiny' (first 64)."""
+    from clipq import datasets
+
+    root = tmp_path_factory.mktemp("fashion_mnist")
+    train = datasets.load_split(datasets.DEBIAN_SOURCE, "train")
+    test = datasets.load_split(datasets.DEBIAN_SOURCE, "test")
+    for name, split, n in (("train", train, 6000), ("test", test, 1000), ("tiny", train, 64)):
+        datasets.write_lmdb(datasets.Split(split.images[:n], split.labels[:n]), root / name)
+    return {name: root / name for name in ("train", "test", "tiny")}

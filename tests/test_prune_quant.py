@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clipq import _prune_quant_kernel, prune_quant
+from clipq import _kernels, prune_quant
 from clipq.prune_quant import clip_quantize, clip_quantize_reference, pruned_count, quantize_with
 
 FIG2 = np.array([-2.1, -1.5, -0.9, -0.4, -0.3, -0.05, -0.02, -1.2,
@@ -138,13 +138,14 @@ def test_nan_weights_are_rejected_by_both_implementations():
         clip_quantize(w[100:200], 0.5, 3)
 
 
+@pytest.mark.parametrize("use_sample", [True, False], ids=["sampled-bracket", "radix-fallback"])
 @pytest.mark.parametrize("p,bits", [(0.0, 8), (0.3, 3), (0.96, 3), (0.5, 1), (0.99, 2), (0.2, 8)])
-def test_kernel_equals_reference_with_ties_and_zeros(p, bits):
+def test_kernel_equals_reference_with_ties_and_zeros(p, bits, use_sample):
     w = random_weights(300_001, seed=9)
     w[::7] = w[3]  # many exact ties, on both the pruned and the kept side
     w[5::11] = 0
     ref = clip_quantize_reference(w, p, bits)
-    fast = _prune_quant_kernel.clip_quantize(w, p, bits)
+    fast = _kernels.clip_quantize(w, p, bits, use_sample=use_sample)
     assert np.array_equal(ref.codes, fast.codes)
     assert ref.clips == fast.clips
     np.testing.assert_allclose(fast.codebook, ref.codebook, rtol=1e-6)

@@ -114,14 +114,20 @@ class SingleLayerNet:
     and backward; they only swap in the quantized weights.
     """
 
-    def __init__(self, layer_type: str, param_field: str, param, input_shape: tuple[int, ...], phase: int):
+    def __init__(self, layer_type: str, param_field: str, param, input_shape: tuple[int, ...], phase: int,
+                 input_grad: bool = True):
+        """`input_grad=False` skips the input gradient (e.g. for a first layer, whose input is data)."""
         import tempfile
 
         cf = caffe()
-        net_param = caffe_pb2().NetParameter(name=f"clipq_{layer_type}", force_backward=True)
+        self.input_grad = input_grad
+        # Caffe runs a layer's backward only if it leads to a loss (or force_backward, which also computes
+        # the input gradient): without input_grad, the output is declared a loss (its diff is set anyway).
+        net_param = caffe_pb2().NetParameter(name=f"clipq_{layer_type}", force_backward=input_grad)
         source = net_param.layer.add(name="input", type="Input", top=["x"])
         source.input_param.shape.add(dim=list(input_shape))
-        layer = net_param.layer.add(name="layer", type=layer_type, bottom=["x"], top=["y"])
+        layer = net_param.layer.add(name="layer", type=layer_type, bottom=["x"], top=["y"],
+                                    loss_weight=[] if input_grad else [1.0])
         getattr(layer, param_field).CopyFrom(param)
         with tempfile.NamedTemporaryFile("w", suffix=".prototxt") as f:
             f.write(str(net_param))
@@ -143,11 +149,12 @@ class SingleLayerNet:
         self.net._forward(1, 1)
         return self.y.data
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        """Input gradient for output gradient dy; parameter gradients accumulate into self.params diffs."""
+    def backward(self, dy: np.ndarray) -> np.ndarray | None:
+        """Input gradient for output gradient dy (None without input_grad); parameter gradients
+        accumulate into self.params diffs."""
         self.y.diff[...] = dy
         self.net._backward(1, 1)
-        return self.x.diff
+        return self.x.diff if self.input_grad else None
 
 
 def read_caffemodel(path: str | os.PathLike):

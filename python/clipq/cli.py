@@ -17,6 +17,24 @@ def _doctor(args) -> int:
     return 0 if doctor.report(sys.stdout) else 1
 
 
+def _convert(args) -> int:
+    from clipq import convert, plan
+
+    layers = convert.convert_file(args.model, plan.load_plan(args.plan), args.output)
+    print(f"{args.output}: {len(layers)} CLIP-Q layer(s): {', '.join(layers)}")
+    return 0
+
+
+def _export(args) -> int:
+    from clipq import convert
+
+    summary = convert.export(args.model, args.weights, args.output)
+    for name, facts in summary.items():
+        print(f"{name:<24} p={facts['p']:<6g} b={facts['bits']}  kept {facts['kept']:.2%}")
+    print(f"{args.output}: plain caffemodel with the quantized weights")
+    return 0
+
+
 def _train(args) -> int:
     from clipq import train
 
@@ -52,6 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "something required is missing.")
     p.set_defaults(func=_doctor)
 
+    p = sub.add_parser("convert", help="plain prototxt + (p, b) plan -> the same net with CLIP-Q layers",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Replace the Convolution / InnerProduct layers named in the plan by CLIP-Q "
+                                   "Python layers (same names, blobs, params); everything else is copied.",
+                       epilog="plan file (YAML or JSON; layers not listed stay plain):\n"
+                              "  version: 1\n  layers:\n    conv1: {p: 0.21, b: 8}\n    fc6:   {p: 0.96, b: 3}\n"
+                              "p: pruning rate in [0, 1); b: bits per kept weight, 1..8.\n\n"
+                              "Then train with the plugin layers, e.g. starting from plain weights:\n"
+                              "  .venv/bin/caffe train --solver SOLVER --weights plain.caffemodel")
+    p.add_argument("--model", type=Path, required=True, help="plain train_val or deploy prototxt")
+    p.add_argument("--plan", type=Path, required=True, help="per-layer (p, b) file, YAML or JSON")
+    p.add_argument("--output", type=Path, required=True, help="CLIP-Q prototxt to write")
+    p.set_defaults(func=_convert)
+
     p = sub.add_parser("train", help="run `caffe train` resumably, with a progress bar",
                        description="Train with the real `caffe train --solver SOLVER`. Resumes from the newest "
                                    "<snapshot_prefix>_iter_N.solverstate; Ctrl-C makes Caffe snapshot first. "
@@ -62,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", type=Path, help="Caffe's log (default: <snapshot_prefix>.log)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="trained CLIP-Q caffemodel -> plain caffemodel with the quantized weights",
+                       description="Apply each CLIP-Q layer's final pruning-quantization to its full-precision "
+                                   "weights and write a plain caffemodel (layer names kept), loadable with the "
+                                   "original plain prototxt.")
+    p.add_argument("--model", type=Path, required=True, help="the CLIP-Q prototxt the weights were trained with")
+    p.add_argument("--weights", type=Path, required=True, help="trained CLIP-Q caffemodel")
+    p.add_argument("--output", type=Path, required=True, help="plain caffemodel to write")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("evaluate", help="accuracy/loss of a train_val net over its TEST data",
                        description="Run a train_val prototxt in TEST phase with the given weights over its "

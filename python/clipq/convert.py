@@ -62,7 +62,7 @@ def _make_clipq_layer(layer, lp: LayerPlan) -> None:
 
     field = WRAPPED[layer.type]
     wrapped = json_format.MessageToDict(getattr(layer, field), preserving_proto_field_name=True)
-    config = LayerConfig(float(lp.p), int(lp.bits), layer.type, wrapped)
+    config = LayerConfig(float(lp.p), int(lp.bits), layer.type, wrapped, layer.name)
     layer.python_param.module = LAYER_MODULE
     layer.python_param.layer = LAYER_CLASS[layer.type]
     layer.python_param.param_str = config.to_param_str()
@@ -77,7 +77,7 @@ def clipq_configs(net_param, source: str = "net") -> dict[str, LayerConfig]:
         if layer.type == "Python" and layer.python_param.layer in CLASS_TYPE:
             try:
                 configs[layer.name] = LayerConfig.from_param_str(
-                    layer.python_param.param_str, CLASS_TYPE[layer.python_param.layer], layer.name)
+                    layer.python_param.param_str, CLASS_TYPE[layer.python_param.layer])
             except ValueError as e:
                 raise ClipqError(f"{source}: {e}") from None
     return configs
@@ -90,7 +90,7 @@ def convert_file(prototxt: str | os.PathLike, plan: dict[str, LayerPlan], output
     with atomic_write(output) as f:
         f.write(f"# CLIP-Q version of {Path(prototxt).name}, written by `clipq convert`.\n")
         f.write(str(converted))
-    return [name for name in plan]
+    return list(plan)
 
 
 def export(model: str | os.PathLike, weights: str | os.PathLike, output: str | os.PathLike) -> dict[str, dict]:

@@ -99,14 +99,20 @@ class LayerConfig:
     bits: int
     type: str                      # wrapped Caffe layer type: Convolution | InnerProduct
     param: dict = field(default_factory=dict)  # the wrapped *_param message, as protobuf's JSON mapping
+    name: str = ""                 # the layer's name (a Python layer cannot see it otherwise; for errors)
 
     def to_param_str(self) -> str:
-        return json.dumps({"p": self.p, "bits": self.bits, WRAPPED[self.type]: self.param}, sort_keys=True)
+        doc = {"p": self.p, "bits": self.bits, WRAPPED[self.type]: self.param, "name": self.name}
+        return json.dumps(doc, sort_keys=True)
 
     @classmethod
-    def from_param_str(cls, text: str, layer_type: str, layer_name: str = "?") -> "LayerConfig":
+    def from_param_str(cls, text: str, layer_type: str) -> "LayerConfig":
         """Parse and validate; errors name the layer and the key."""
-        where = f"layer '{layer_name}' ({layer_type}) param_str"
+        try:
+            name = str(json.loads(text).get("name", "?"))
+        except (json.JSONDecodeError, AttributeError):
+            name = "?"
+        where = f"CLIP-Q layer '{name}' ({layer_type}) param_str"
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -114,13 +120,13 @@ class LayerConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected a JSON object")
         key = WRAPPED[layer_type]
-        unknown = set(data) - {"p", "bits", key}
+        unknown = set(data) - {"p", "bits", key, "name"}
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected p, bits, {key}")
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected p, bits, {key}, name")
         if key not in data or not isinstance(data[key], dict):
             raise ValueError(f"{where}: '{key}' (the wrapped layer's parameters) is missing")
         try:
             lp = LayerPlan(data.get("p"), data.get("bits"))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        return cls(lp.p, lp.bits, layer_type, data[key])
+        return cls(lp.p, lp.bits, layer_type, data[key], name)

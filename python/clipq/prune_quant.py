@@ -34,7 +34,7 @@ Choices the paper leaves open, made here (and tested in tests/test_prune_quant.p
 
 The result's codes are `0` for pruned weights and `j` in `1..K` for `codebook[j - 1]`, so a kept weight
 needs `bits` bits, as in the paper's sparse encoding. `clip_quantize` runs a multi-threaded O(n) numba
-kernel (exact radix selection on the float bits; no sort) for large layers and the plain-numpy
+kernel (exact selection on the float bits; no sort, see `_kernels`) for large layers and the plain-numpy
 `clip_quantize_reference` for small ones; the tests check that both give identical results.
 """
 
@@ -213,7 +213,7 @@ def clip_quantize(w: np.ndarray, p: float, bits: int, out: np.ndarray | None = N
             return result
         out.reshape(-1)[...] = result.weights.reshape(-1)
         return Quantized(out, result.codes, result.codebook, result.partition)
-    from clipq import _prune_quant_kernel
+    from clipq import _kernels
 
     check_args(p, bits)
-    return _prune_quant_kernel.clip_quantize(np.ascontiguousarray(w, dtype=np.float32), p, bits, out)
+    return _kernels.clip_quantize(np.ascontiguousarray(w, dtype=np.float32), p, bits, out)

@@ -1,0 +1,73 @@
+"""Plan files and param_str: pure Python, errors that name the file, layer and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clipq.errors import ClipqError
+from clipq.plan import LayerConfig, LayerPlan, load_plan, save_plan
+
+
+def write(tmp_path, text, name="plan.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_plan_accepts_b_or_bits_in_yaml_and_json(tmp_path):
+    plan = load_plan(write(tmp_path, "version: 1\nlayers:\n  conv1: {p: 0.2, b: 8}\n  fc6: {p: 0.96, bits: 3}\n"))
+    assert plan == {"conv1": LayerPlan(0.2, 8), "fc6": LayerPlan(0.96, 3)}
+    doc = {"version": 1, "layers": {"ip1": {"p": 0.5, "b": 2}}}
+    assert load_plan(write(tmp_path, json.dumps(doc), "plan.json")) == {"ip1": LayerPlan(0.5, 2)}
+
+
+def test_save_then_load_round_trips(tmp_path):
+    plan = {"conv1": LayerPlan(0.21, 8), "fc8": LayerPlan(0.74, 3)}
+    for name in ("p.yaml", "p.json"):
+        save_plan(plan, tmp_path / name, extra={"lambda": 40})
+        assert load_plan(tmp_path / name) == plan
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("{p: 1.0, b: 3}", "layer 'fc6': p must be a number in [0, 1), got 1.0"),
+    ("{p: 0.5, b: 9}", "layer 'fc6': b (bits) must be an integer in 1..8, got 9"),
+    ("{p: 0.5, b: 2.5}", "layer 'fc6': b (bits) must be an integer in 1..8, got 2.5"),
+    ("{p: 0.5}", "layer 'fc6': needs p and exactly one of b / bits"),
+    ("{p: 0.5, b: 3, bits: 3}", "layer 'fc6': needs p and exactly one of b / bits"),
+    ("{p: 0.5, b: 3, q: 1}", "layer 'fc6': unknown field(s) ['q']"),
+    ("0.5", "layer 'fc6': expected a mapping"),
+])
+def test_bad_entries_name_the_file_layer_and_field(tmp_path, entry, message):
+    path = write(tmp_path, f"layers:\n  fc6: {entry}\n")
+    with pytest.raises(ClipqError) as info:
+        load_plan(path)
+    assert str(info.value).startswith(str(path)) and message in str(info.value)
+
+
+def test_newer_plan_version_is_refused(tmp_path):
+    with pytest.raises(ClipqError, match="plan version 2 is not supported"):
+        load_plan(write(tmp_path, "version: 2\nlayers: {}\n"))
+
+
+def test_missing_plan_file_is_named(tmp_path):
+    with pytest.raises(ClipqError, match="nope.yaml: cannot read plan"):
+        load_plan(tmp_path / "nope.yaml")
+
+
+def test_param_str_round_trips():
+    config = LayerConfig(0.3, 4, "Convolution", {"num_output": 20, "kernel_size": [5]}, "conv1")
+    assert LayerConfig.from_param_str(config.to_param_str(), "Convolution") == config
+
+
+@pytest.mark.parametrize("text,message", [
+    ("p=0.3", "not JSON"),
+    ('{"p": 0.3, "bits": 3}', "'inner_product_param' (the wrapped layer's parameters) is missing"),
+    ('{"p": 0.3, "bits": 3, "inner_product_param": {}, "typo": 1}', "unknown key(s) ['typo']"),
+    ('{"p": -0.1, "bits": 3, "inner_product_param": {}}', "p must be a number in [0, 1)"),
+])
+def test_bad_param_str_is_a_value_error_naming_the_problem(text, message):
+    with pytest.raises(ValueError) as info:
+        LayerConfig.from_param_str(text, "InnerProduct")
+    assert message in str(info.value)
