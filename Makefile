@@ -6,7 +6,7 @@ CLIPQ := $(VENV)/bin/clipq
 MODELS := cache/models
 NETS := lenet5 lenet300_100
 
-.PHONY: install data baseline demo test test-slow prototxt clean
+.PHONY: install data baseline finetune demo test test-slow prototxt clean
 
 install:                ## Debian packages, .venv, BVLC Caffe (cached build), clipq; then `clipq doctor`
 	tools/install.sh
@@ -19,12 +19,23 @@ baseline: data          ## train LeNet-5 and LeNet-300-100 with `caffe train` (r
 	    $(CLIPQ) train --solver solvers/$${net}_solver.prototxt --output $(MODELS)/$${net}_fashion_mnist.caffemodel || exit 1; \
 	done
 
-demo: baseline          ## baseline + evaluation of each model on the Fashion-MNIST test set
+finetune: baseline       ## CLIP-Q fine-tuning of LeNet-5 in Caffe (example plan), then export to a plain caffemodel
+	$(CLIPQ) train --solver solvers/lenet5_clipq_solver.prototxt --weights $(MODELS)/lenet5_fashion_mnist.caffemodel \
+	    --output $(MODELS)/lenet5_clipq.caffemodel
+	$(CLIPQ) export --model prototxt/lenet5/clipq_train_val.prototxt --weights $(MODELS)/lenet5_clipq.caffemodel \
+	    --output $(MODELS)/lenet5_clipq_plain.caffemodel
+
+demo: finetune          ## baselines + CLIP-Q LeNet-5, each evaluated on the Fashion-MNIST test set
+	@echo; echo "Fashion-MNIST test top-1 (10,000 images):"
 	@for net in $(NETS); do \
-	    acc=$$($(CLIPQ) evaluate --model prototxt/$$net/train_val.prototxt --weights $(MODELS)/$${net}_fashion_mnist.caffemodel --json \
-	          | $(PY) -c 'import json, sys; print("%.4f" % json.load(sys.stdin)["accuracy"])') || exit 1; \
-	    echo "$$net: Fashion-MNIST test top-1 $$acc  model: $$(readlink -f $(MODELS)/$${net}_fashion_mnist.caffemodel)"; \
+	    $(call report,$$net,prototxt/$$net/train_val.prototxt,$(MODELS)/$${net}_fashion_mnist.caffemodel) || exit 1; \
 	done
+	@$(call report,lenet5 CLIP-Q (example plan; exported plain caffemodel),prototxt/lenet5/train_val.prototxt,$(MODELS)/lenet5_clipq_plain.caffemodel)
+
+# report NAME,TRAIN_VAL,WEIGHTS: one line with the test accuracy and where the model is
+report = acc=$$($(CLIPQ) evaluate --model $(2) --weights $(3) --json \
+	| $(PY) -c 'import json, sys; print("%.4f" % json.load(sys.stdin)["accuracy"])') \
+	&& echo "  $(1): $$acc  model: $$(readlink -f $(3))"
 
 test: install           ## the default test tier (real Caffe; minutes once Caffe is built)
 	$(PY) -m pytest -q

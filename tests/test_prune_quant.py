@@ -138,9 +138,11 @@ def test_nan_weights_are_rejected_by_both_implementations():
         clip_quantize(w[100:200], 0.5, 3)
 
 
+@pytest.mark.parametrize("threads", ["serial", "parallel"])
 @pytest.mark.parametrize("use_sample", [True, False], ids=["sampled-bracket", "radix-fallback"])
 @pytest.mark.parametrize("p,bits", [(0.0, 8), (0.3, 3), (0.96, 3), (0.5, 1), (0.99, 2), (0.2, 8)])
-def test_kernel_equals_reference_with_ties_and_zeros(p, bits, use_sample):
+def test_kernel_equals_reference_with_ties_and_zeros(p, bits, use_sample, threads, monkeypatch):
+    monkeypatch.setattr(_kernels, "PARALLEL_MIN", 1 if threads == "parallel" else 1 << 30)
     w = random_weights(300_001, seed=9)
     w[::7] = w[3]  # many exact ties, on both the pruned and the kept side
     w[5::11] = 0
@@ -150,6 +152,14 @@ def test_kernel_equals_reference_with_ties_and_zeros(p, bits, use_sample):
     assert ref.clips == fast.clips
     np.testing.assert_allclose(fast.codebook, ref.codebook, rtol=1e-6)
     assert np.array_equal(fast.weights, np.concatenate([[0], fast.codebook])[fast.codes])
+
+
+def test_add_and_clear_moves_a_gradient_in_parallel_chunks(monkeypatch):
+    monkeypatch.setattr(_kernels, "PARALLEL_MIN", 1)
+    dst, src = np.ones(200_003, np.float32), np.arange(200_003, dtype=np.float32)
+    expected = dst + src
+    _kernels.add_and_clear(dst, src)
+    assert np.array_equal(dst, expected) and not src.any()
 
 
 def test_out_receives_the_quantized_weights_in_the_callers_shape():

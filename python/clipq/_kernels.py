@@ -31,6 +31,7 @@ POS, NEG = 0, 1  # side index = sign bit
 SIGN_BIT = np.uint32(0x80000000)
 SAMPLE = 1 << 16
 GATHER_BLOCK = 64
+PARALLEL_MIN = 1 << 20  # below this many weights, threads cost more than they save (they contend with BLAS's)
 MOSTLY_PRUNED = 0.8  # from this pruned fraction on, the code pass branches over pruned weights (faster)
 LANES = 4  # independent accumulators per interval, to break add-latency chains
 HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16
@@ -95,15 +96,22 @@ def _gather_chunk(bits, lo_pos, hi_pos, lo_neg, hi_neg, lo_any, span, offset, ca
     return n
 
 
+@njit(cache=True)
+def _scan_one(chunk, lo, hi, lo_any, span, cand_bits, cand_idx, stats, offset=0):
+    _count_chunk(chunk, lo[0], lo[1], stats)
+    _extrema_chunk(chunk, stats)
+    return _gather_chunk(chunk, lo[0], hi[0], lo[1], hi[1], lo_any, span, offset, cand_bits, cand_idx)
+
+
 @njit(parallel=True, cache=True)
 def _scan(bits, bounds, lo, hi, lo_any, span, cand_bits, cand_idx, stats):
     """stats[c] = [nonzero, negative, below+, below-, top+ bits, top bits, candidates]."""
+    if bounds.size == 2:  # one chunk: no thread launch (it costs more than small work)
+        stats[0, 6] = _scan_one(bits, lo, hi, lo_any, span, cand_bits[0], cand_idx[0], stats[0])
+        return
     for c in prange(bounds.size - 1):
-        chunk = bits[bounds[c]:bounds[c + 1]]
-        _count_chunk(chunk, lo[0], lo[1], stats[c])
-        _extrema_chunk(chunk, stats[c])
-        stats[c, 6] = _gather_chunk(chunk, lo[0], hi[0], lo[1], hi[1], lo_any, span, bounds[c],
-                                    cand_bits[c], cand_idx[c])
+        b0, b1 = bounds[c], bounds[c + 1]
+        stats[c, 6] = _scan_one(bits[b0:b1], lo, hi, lo_any, span, cand_bits[c], cand_idx[c], stats[c], b0)
 
 
 @njit(cache=True)
@@ -116,6 +124,9 @@ def _radix_high_chunk(bits, hist):
 
 @njit(parallel=True, cache=True)
 def _radix_high(bits, bounds, hist):
+    if bounds.size == 2:  # one chunk: no thread launch (it costs more than small work)
+        _radix_high_chunk(bits, hist[0])
+        return
     for c in prange(bounds.size - 1):
         _radix_high_chunk(bits[bounds[c]:bounds[c + 1]], hist[c])
 
@@ -131,6 +142,9 @@ def _radix_low_chunk(bits, high_bin, hist):
 
 @njit(parallel=True, cache=True)
 def _radix_low(bits, bounds, high_bin, hist):
+    if bounds.size == 2:  # one chunk: no thread launch (it costs more than small work)
+        _radix_low_chunk(bits, high_bin, hist[0])
+        return
     for c in prange(bounds.size - 1):
         _radix_low_chunk(bits[bounds[c]:bounds[c + 1]], high_bin, hist[c])
 
@@ -193,6 +207,10 @@ def _code_chunk(w, t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_ne
 @njit(parallel=True, cache=True)
 def _code_pass(w, bounds, t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg,
                mostly_pruned, codes, sums, counts):
+    if bounds.size == 2:  # one chunk: no thread launch (it costs more than small work)
+        _code_chunk(w, t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg,
+                    mostly_pruned, codes, sums[0], counts[0])
+        return
     for c in prange(bounds.size - 1):
         b0, b1 = bounds[c], bounds[c + 1]
         _code_chunk(w[b0:b1], t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg,
@@ -218,6 +236,9 @@ def _output_chunk(codes, lut, out):
 
 @njit(parallel=True, cache=True)
 def _output_pass(codes, lut, bounds, out):
+    if bounds.size == 2:  # one chunk: no thread launch (it costs more than small work)
+        _output_chunk(codes, lut, out)
+        return
     for c in prange(bounds.size - 1):
         _output_chunk(codes[bounds[c]:bounds[c + 1]], lut, out[bounds[c]:bounds[c + 1]])
 
@@ -231,6 +252,9 @@ def _add_and_clear_chunk(dst, src):
 
 @njit(parallel=True, cache=True)
 def _add_and_clear(dst, src, bounds):
+    if bounds.size == 2:  # one chunk: no thread launch (it costs more than small work)
+        _add_and_clear_chunk(dst, src)
+        return
     for c in prange(bounds.size - 1):
         _add_and_clear_chunk(dst[bounds[c]:bounds[c + 1]], src[bounds[c]:bounds[c + 1]])
 
@@ -242,7 +266,8 @@ def add_and_clear(dst: np.ndarray, src: np.ndarray) -> None:
 
 
 def _chunk_bounds(n: int) -> np.ndarray:
-    chunks = max(1, min(n // (1 << 16), 4 * numba.get_num_threads()))
+    """Chunk edges: one chunk (serial) below PARALLEL_MIN elements, else 4 per thread."""
+    chunks = 1 if n < PARALLEL_MIN else 4 * numba.get_num_threads()
     return np.linspace(0, n, chunks + 1).astype(np.int64)
 
 

@@ -112,18 +112,29 @@ NETS = {  # directory under prototxt/ -> (net name, body, data)
 }
 
 
+PROTOTXT = Path(__file__).resolve().parents[2] / "prototxt"
+
+
 def render_all() -> dict[str, str]:
-    """Every generated prototxt, as {path relative to prototxt/: text}."""
+    """Every generated prototxt, as {path relative to prototxt/: text}. A directory with an
+    example_plan.yaml also gets clipq_train_val.prototxt, its train_val converted with that plan."""
+    from clipq import convert, plan
+
     files = {}
     for directory, (name, body, data) in NETS.items():
-        files[f"{directory}/train_val.prototxt"] = HEADER + str(train_val(name, body, data))
+        net = train_val(name, body, data)
+        files[f"{directory}/train_val.prototxt"] = HEADER + str(net)
         files[f"{directory}/deploy.prototxt"] = HEADER + str(deploy(name, body, data))
+        plan_file = PROTOTXT / directory / "example_plan.yaml"
+        if plan_file.exists():
+            clipq_net = convert.to_clipq(net, plan.load_plan(plan_file), str(plan_file))
+            files[f"{directory}/clipq_train_val.prototxt"] = HEADER + str(clipq_net)
     return files
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clipq.nets", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "prototxt",
+    parser.add_argument("--out", type=Path, default=PROTOTXT,
                         help="directory to write into (default: the repository's prototxt/)")
     args = parser.parse_args(argv)
     for rel, text in render_all().items():
