@@ -35,6 +35,55 @@ def _export(args) -> int:
     return 0
 
 
+def _size_table(layers, fmt: str, paper_plan=None, extra=None) -> str:
+    from clipq import size
+
+    table = size.rows(layers) + [size.overall(layers)]
+    if paper_plan is not None:
+        table = size.with_paper(table, size.paper_sizes(paper_plan))
+    return size.render(table, fmt, extra)
+
+
+def _encode(args) -> int:
+    from clipq import compressed_model, plan
+
+    layers = compressed_model.encode_file(args.model, args.weights, args.output,
+                                          plan.load_plan(args.plan) if args.plan else None, args.huffman)
+    print(_size_table(layers, args.format))
+    print(f"\n{args.output}: {args.output.stat().st_size:,} bytes")
+    return 0
+
+
+def _decode(args) -> int:
+    from clipq import compressed_model
+
+    layers = compressed_model.decode_file(args.input, args.output, args.model)
+    print(f"{args.output}: {len(layers)} layers" + (f", checked against {args.model}" if args.model else ""))
+    return 0
+
+
+def _size(args) -> int:
+    from clipq import compressed_model, plan
+
+    if args.input is not None:
+        header, layers = compressed_model.read_file(args.input)
+        extra = {"file": str(args.input), "file_bytes": args.input.stat().st_size, **header.get("meta", {})}
+    elif args.model is not None:
+        data, layers = compressed_model.encode_model(args.model, args.weights,
+                                                     plan.load_plan(args.plan) if args.plan else None,
+                                                     args.huffman, args.seed)
+        extra = {"prototxt": str(args.model), "weights": str(args.weights) if args.weights else
+                 f"random Gaussian (seed {args.seed})", "huffman": args.huffman, "file_bytes": len(data)}
+    else:
+        raise ClipqError("give a .clipq file, or --model (and --plan for a plain prototxt)")
+    if args.paper and not args.plan:
+        raise ClipqError("--paper compares with the paper_sizes of the --plan file (e.g. prototxt/alexnet/paper_params.yaml)")
+    print(_size_table(layers, args.format, args.plan if args.paper else None, extra))
+    if args.format != "json":
+        print(f"\n.clipq file: {extra['file_bytes']:,} bytes (header included)")
+    return 0
+
+
 def _train(args) -> int:
     from clipq import train
 
@@ -103,6 +152,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, required=True, help="trained CLIP-Q caffemodel")
     p.add_argument("--output", type=Path, required=True, help="plain caffemodel to write")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("encode", help="caffemodel -> .clipq (relative indices + b-bit codes + codebooks)",
+                       description="Write the sparse .clipq file of a model: the layers of a CLIP-Q prototxt (or "
+                                   "those of --plan for a plain one) as k-bit relative indices + b-bit codes + "
+                                   "a codebook; every other layer raw. Weights that already have <= 2^b - 1 "
+                                   "levels (an exported model) are stored exactly; full-precision ones are "
+                                   "pruned-quantized first. Prints the layerwise size table.")
+    p.add_argument("--model", type=Path, required=True, help="CLIP-Q prototxt, or plain prototxt with --plan")
+    p.add_argument("--weights", type=Path, required=True, help="caffemodel (trained CLIP-Q, or exported)")
+    p.add_argument("--plan", type=Path, help="(p, b) plan, for a plain prototxt")
+    p.add_argument("--output", type=Path, required=True, help=".clipq file to write")
+    p.add_argument("--huffman", action="store_true", help="also Huffman-code the index and code streams")
+    p.add_argument("--format", choices=["text", "md", "json"], default="text", help="size table format")
+    p.set_defaults(func=_encode)
+
+    p = sub.add_parser("decode", help=".clipq -> plain caffemodel",
+                       description="Decode a .clipq file into a plain caffemodel (layer names and types kept). "
+                                   "With --model, first check that every learnable layer of that deploy "
+                                   "prototxt is in the file with the same blob shapes.")
+    p.add_argument("input", type=Path, help=".clipq file")
+    p.add_argument("--output", type=Path, required=True, help="caffemodel to write")
+    p.add_argument("--model", type=Path, help="deploy prototxt the caffemodel is for (checked)")
+    p.set_defaults(func=_decode)
+
+    p = sub.add_parser("size", help="paper-style layerwise storage table (Layer, p, b, Original, Compressed, Rate)",
+                       description="Storage table of a .clipq file, or of a model encoded in memory: "
+                                   "--model with --weights, or without --weights random Gaussian weights of the "
+                                   "layers' shapes pruned-quantized at each layer's (p, b) -- how to check the "
+                                   "paper's storage numbers without ImageNet. Original = float32 weights + biases; "
+                                   "Compressed = the layer's real encoded size; KB/MB are 1000-based.")
+    p.add_argument("input", type=Path, nargs="?", help=".clipq file (or use --model)")
+    p.add_argument("--model", type=Path, help="deploy prototxt (CLIP-Q, or plain with --plan)")
+    p.add_argument("--weights", type=Path, help="caffemodel (default: random Gaussian weights)")
+    p.add_argument("--plan", type=Path, help="(p, b) plan for a plain prototxt")
+    p.add_argument("--huffman", action="store_true", help="Huffman-code the streams (Table 4's bracketed sizes)")
+    p.add_argument("--paper", action="store_true", help="add the paper's Compressed column from the plan's paper_sizes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--format", choices=["text", "md", "json"], default="text")
+    p.set_defaults(func=_size)
 
     p = sub.add_parser("evaluate", help="accuracy/loss of a train_val net over its TEST data",
                        description="Run a train_val prototxt in TEST phase with the given weights over its "

@@ -35,8 +35,8 @@ def _check_net(net_param, source: str) -> None:
                          "(Caffe's tools/upgrade_net_proto_text)")
 
 
-def to_clipq(net_param, plan: dict[str, LayerPlan], source: str = "net"):
-    """The same net with the plan's layers replaced by CLIP-Q Python layers (a new NetParameter)."""
+def check_plan(net_param, plan: dict[str, LayerPlan], source: str = "net") -> None:
+    """Every layer the plan names must be a Convolution / InnerProduct layer of the net."""
     _check_net(net_param, source)
     by_name = {}
     for layer in net_param.layer:
@@ -49,6 +49,11 @@ def to_clipq(net_param, plan: dict[str, LayerPlan], source: str = "net"):
         if bad:
             raise ClipqError(f"{source}: layer '{name}' is a {bad[0]} layer; only Convolution and "
                              "InnerProduct layers can be pruned-quantized")
+
+
+def to_clipq(net_param, plan: dict[str, LayerPlan], source: str = "net"):
+    """The same net with the plan's layers replaced by CLIP-Q Python layers (a new NetParameter)."""
+    check_plan(net_param, plan, source)
     out = caffe_io.caffe_pb2().NetParameter()
     out.CopyFrom(net_param)
     for layer in out.layer:
