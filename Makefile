@@ -6,7 +6,7 @@ CLIPQ := $(VENV)/bin/clipq
 MODELS := cache/models
 NETS := lenet5 lenet300_100
 
-.PHONY: install data baseline finetune demo test test-slow prototxt clean
+.PHONY: install data baseline finetune demo paper-sizes test test-slow prototxt clean
 
 install:                ## Debian packages, .venv, BVLC Caffe (cached build), clipq; then `clipq doctor`
 	tools/install.sh
@@ -36,6 +36,12 @@ demo: finetune          ## baselines + CLIP-Q LeNet-5, each evaluated on the Fas
 report = acc=$$($(CLIPQ) evaluate --model $(2) --weights $(3) --json \
 	| $(PY) -c 'import json, sys; print("%.4f" % json.load(sys.stdin)["accuracy"])') \
 	&& echo "  $(1): $$acc  model: $$(readlink -f $(3))"
+
+paper-sizes: install    ## the storage columns of the paper's Tables 1-3, recomputed (random weights, paper's (p, b))
+	@for net in alexnet googlenet resnet50; do \
+	    echo; echo "== $$net: clipq size --model prototxt/$$net/deploy.prototxt --plan prototxt/$$net/paper_params.yaml --paper"; \
+	    $(CLIPQ) size --model prototxt/$$net/deploy.prototxt --plan prototxt/$$net/paper_params.yaml --paper || exit 1; \
+	done
 
 test: install           ## the default test tier (real Caffe; minutes once Caffe is built)
 	$(PY) -m pytest -q

@@ -25,11 +25,13 @@ def raw(name="bn"):
 
 
 @pytest.mark.parametrize("width", [1, 3, 8, 13, 24])
-def test_pack_unpack_round_trip_across_chunks(width, monkeypatch):
-    monkeypatch.setattr(sparse_codec, "PACK_CHUNK", 64)
+def test_pack_unpack_round_trip(width):
     values = np.random.default_rng(width).integers(0, 1 << width, 1001)
     data = sparse_codec.pack_bits(values, width)
     assert len(data) == (1001 * width + 7) // 8
+    expected_bits = "".join(format(v, f"0{width}b") for v in values)
+    assert np.array_equal(np.unpackbits(np.frombuffer(data, np.uint8))[:1001 * width],
+                          np.array(list(expected_bits), dtype=np.uint8))
     assert np.array_equal(sparse_codec.unpack_bits(data, width, 1001), values)
 
 

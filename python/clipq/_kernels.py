@@ -259,6 +259,98 @@ def _add_and_clear(dst, src, bounds):
         _add_and_clear_chunk(dst[bounds[c]:bounds[c + 1]], src[bounds[c]:bounds[c + 1]])
 
 
+@njit(cache=True)
+def _codes_for_levels_chunk(w, levels, codes):
+    for i in range(w.size):
+        x = w[i]
+        code = 0
+        if x != 0:
+            code = -1
+            for j in range(levels.size):
+                if levels[j] == x:
+                    code = j + 1
+                    break
+            if code < 0:
+                return False
+        codes[i] = code
+    return True
+
+
+@njit(parallel=True, cache=True)
+def _codes_for_levels(w, levels, bounds, codes, ok):
+    if bounds.size == 2:  # one chunk: no thread launch (it costs more than small work)
+        ok[0] = _codes_for_levels_chunk(w, levels, codes)
+        return
+    for c in prange(bounds.size - 1):
+        ok[c] = _codes_for_levels_chunk(w[bounds[c]:bounds[c + 1]], levels, codes[bounds[c]:bounds[c + 1]])
+
+
+def codes_for_levels(w: np.ndarray, levels: np.ndarray) -> np.ndarray | None:
+    """uint8 codes (0 for zero, j for levels[j - 1]) if every non-zero weight is one of `levels`, else None."""
+    flat = np.ascontiguousarray(w, np.float32).reshape(-1)
+    bounds = _chunk_bounds(flat.size)
+    codes = np.empty(flat.size, np.uint8)
+    ok = np.zeros(bounds.size - 1, np.bool_)
+    _codes_for_levels(flat, np.ascontiguousarray(levels, np.float32), bounds, codes, ok)
+    return codes.reshape(w.shape) if ok.all() else None
+
+
+@njit(cache=True)
+def pack_bits(values, width):
+    """Unsigned `width`-bit integers packed MSB first, padded to a byte (uint8 array)."""
+    out = np.zeros((values.size * width + 7) // 8, np.uint8)
+    bit = 0
+    for i in range(values.size):
+        v = values[i]
+        for b in range(width - 1, -1, -1):
+            if (v >> b) & 1:
+                out[bit >> 3] |= np.uint8(1 << (7 - (bit & 7)))
+            bit += 1
+    return out
+
+
+@njit(cache=True)
+def filler_counts(gaps, max_bits):
+    """fillers[k] = sum(gaps >> k) for k in 0..max_bits: the extra entries an index width k needs."""
+    fillers = np.zeros(max_bits + 1, np.int64)
+    for g in gaps:
+        for k in range(1, max_bits + 1):
+            shifted = g >> k
+            if shifted == 0:
+                break
+            fillers[k] += shifted
+    return fillers
+
+
+@njit(cache=True)
+def unpack_bits(data, width, count):
+    """`count` unsigned `width`-bit integers packed MSB first (the inverse of sparse_codec.pack_bits)."""
+    out = np.empty(count, np.int64)
+    bit = 0
+    for i in range(count):
+        value = 0
+        for _ in range(width):
+            value = (value << 1) | ((data[bit >> 3] >> (7 - (bit & 7))) & 1)
+            bit += 1
+        out[i] = value
+    return out
+
+
+@njit(cache=True)
+def scatter_entries(index, code_entries, lut, size):
+    """Weights and codes of a sparse layer from its index and code streams; -1 if an index runs past `size`."""
+    weights = np.zeros(size, np.float32)
+    codes = np.zeros(size, np.uint8)
+    pos = -1
+    for i in range(index.size):
+        pos += index[i] + 1
+        if pos >= size:
+            return weights, codes, -1
+        codes[pos] = code_entries[i]
+        weights[pos] = lut[code_entries[i]]
+    return weights, codes, 0
+
+
 def add_and_clear(dst: np.ndarray, src: np.ndarray) -> None:
     """dst += src; src = 0 (one parallel pass; float32 arrays of the same size)."""
     d, s = dst.reshape(-1), src.reshape(-1)

@@ -16,46 +16,49 @@ from pathlib import Path
 
 import numpy as np
 
-from clipq import caffe_io, prune_quant, sparse_codec
+from clipq import _kernels, caffe_io, caffemodel, prune_quant, sparse_codec
 from clipq.atomic import atomic_write
 from clipq.convert import check_plan, clipq_configs
 from clipq.errors import ClipqError
 from clipq.plan import LayerPlan
 from clipq.sparse_codec import Layer
 
+SAMPLE = 1 << 16  # weights looked at to tell an exported (already quantized) layer from a full-precision one
+
 
 def quantized_layer(name: str, layer_type: str, blobs: list[np.ndarray], lp: LayerPlan) -> Layer:
     """A compressed Layer: exact if the weights already have <= 2^b - 1 levels, else pruned-quantized."""
-    weights = blobs[0].astype(np.float32)
+    weights = np.asarray(blobs[0], np.float32)
     levels = 2 ** lp.bits - 1
-    values = np.unique(weights[weights != 0])
-    if values.size <= levels:
+    codes = codebook = None
+    nonzero_sample = weights.reshape(-1)[:SAMPLE]
+    candidates = np.unique(nonzero_sample[nonzero_sample != 0])
+    if candidates.size <= levels:  # looks like an exported model: check every weight is one of these
+        codes = _kernels.codes_for_levels(weights, candidates)
+        if codes is None and weights.size > SAMPLE:
+            candidates = np.unique(weights[weights != 0])
+            codes = _kernels.codes_for_levels(weights, candidates) if candidates.size <= levels else None
         codebook = np.zeros(levels, np.float32)
-        codebook[:values.size] = values
-        codes = np.zeros(weights.shape, np.uint8)
-        nonzero = weights != 0
-        codes[nonzero] = np.searchsorted(values, weights[nonzero]) + 1
-    else:
+        codebook[:candidates.size] = candidates
+    if codes is None:
         q = prune_quant.clip_quantize(weights, lp.p, lp.bits)
         codes, codebook, weights = q.codes, q.codebook, q.weights
-    return Layer(name, layer_type, [weights] + [b.astype(np.float32) for b in blobs[1:]],
+    return Layer(name, layer_type, [weights] + [np.asarray(b, np.float32) for b in blobs[1:]],
                  codes, codebook, lp.bits, lp.p)
 
 
 def model_layers(weights: str | os.PathLike, plan: dict[str, LayerPlan], types: dict[str, str]) -> list[Layer]:
     """The caffemodel's layers with blobs, the planned ones compressed (types: name -> type to record)."""
-    net = caffe_io.read_caffemodel(weights)
     layers, seen = [], set()
-    for layer in net.layer:
-        if not len(layer.blobs) or layer.name in seen:
+    for layer in caffemodel.read(weights):
+        if not layer.blobs or layer.name in seen:
             continue
         seen.add(layer.name)
-        blobs = [caffe_io.blob_to_array(b) for b in layer.blobs]
         layer_type = types.get(layer.name, layer.type)
         if layer.name in plan:
-            layers.append(quantized_layer(layer.name, layer_type, blobs, plan[layer.name]))
+            layers.append(quantized_layer(layer.name, layer_type, layer.blobs, plan[layer.name]))
         else:
-            layers.append(Layer(layer.name, layer_type, blobs))
+            layers.append(Layer(layer.name, layer_type, layer.blobs))
     missing = sorted(set(plan) - seen)
     if missing:
         raise ClipqError(f"{weights}: no weights for layer(s) {', '.join(missing)} named in the plan")
@@ -147,10 +150,5 @@ def decode_file(path, output, deploy=None) -> list[Layer]:
     _, layers = read_file(path)
     if deploy is not None:
         check_against(layers, deploy, str(path))
-    net = caffe_io.caffe_pb2().NetParameter()
-    for layer in layers:
-        proto = net.layer.add(name=layer.name, type=layer.type)
-        for blob in layer.blobs:
-            caffe_io.set_blob(proto.blobs.add(), blob)
-    caffe_io.write_caffemodel(net, output)
+    caffemodel.write([caffemodel.LayerWeights(layer.name, layer.type, layer.blobs) for layer in layers], output)
     return layers

@@ -56,11 +56,11 @@ def overall(layers: list[Layer]) -> Row:
 
 
 def format_bytes(n: float) -> str:
-    """1000-based, 3 significant digits: 9.12 KB, 35.1 KB, 204 KB, 1.80 MB, 151 MB."""
+    """1000-based, like the paper's tables: 9.12 KB, 35.1 KB, 204 KB, 1.80 MB, 151.0 MB, 243.9 MB."""
     for unit in ("GB", "MB", "KB"):
         if n >= UNITS[unit]:
             value = n / UNITS[unit]
-            decimals = 2 if value < 10 else 1 if value < 100 else 0
+            decimals = 2 if value < 10 else 1 if value < 100 or unit != "KB" else 0
             return f"{value:.{decimals}f} {unit}"
     return f"{n:.0f} B"
 

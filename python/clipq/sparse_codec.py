@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clipq import huffman
+from clipq import _kernels, huffman
 from clipq.errors import ClipqError
 
 MAGIC = b"\x89CLIPQ\r\n"
 FORMAT_VERSION = 1
 MAX_INDEX_BITS = 24
-PACK_CHUNK = 1 << 20  # entries per bit-packing chunk (a multiple of 8: chunks end on byte boundaries)
 
 
 @dataclass
@@ -58,12 +57,7 @@ class Layer:
 
 def pack_bits(values: np.ndarray, width: int) -> bytes:
     """Concatenate unsigned `width`-bit integers (MSB first), padded to a byte."""
-    shifts = np.arange(width - 1, -1, -1, dtype=np.uint32)
-    parts = []
-    for start in range(0, values.size, PACK_CHUNK):
-        chunk = values[start:start + PACK_CHUNK].astype(np.uint32)
-        parts.append(np.packbits(((chunk[:, None] >> shifts) & 1).astype(np.uint8)))
-    return b"".join(part.tobytes() for part in parts)
+    return _kernels.pack_bits(np.ascontiguousarray(values, np.int64), width).tobytes()
 
 
 def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
@@ -71,15 +65,7 @@ def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
     needed = (count * width + 7) // 8
     if len(data) < needed:
         raise ValueError(f"stream has {len(data)} bytes, {needed} needed")
-    weights = (1 << np.arange(width - 1, -1, -1)).astype(np.int64)
-    out = np.empty(count, np.int64)
-    raw = np.frombuffer(data, np.uint8)
-    for start in range(0, count, PACK_CHUNK):
-        n = min(PACK_CHUNK, count - start)
-        first = start * width // 8  # start is a multiple of 8: a byte boundary
-        bits = np.unpackbits(raw[first:first + (n * width + 7) // 8])[:n * width].reshape(n, width)
-        out[start:start + n] = bits @ weights
-    return out
+    return _kernels.unpack_bits(np.frombuffer(data, np.uint8), width, count)
 
 
 # --- one layer ---------------------------------------------------------------------------------
@@ -87,8 +73,9 @@ def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
 def index_bits_and_entries(gaps: np.ndarray, bits: int) -> tuple[int, int]:
     """(k, entries) minimising entries * (k + bits), where a gap g needs g >> k filler entries."""
     best = None
+    fillers = _kernels.filler_counts(np.ascontiguousarray(gaps, np.int64), MAX_INDEX_BITS)
     for k in range(1, MAX_INDEX_BITS + 1):
-        entries = gaps.size + int(np.sum(gaps >> k))
+        entries = gaps.size + int(fillers[k])
         size = entries * (k + bits)
         if best is None or size < best[0]:
             best = (size, k, entries)
@@ -159,15 +146,13 @@ def decode_layer(entry: dict, payload: bytes) -> Layer:
     bits, entries = entry["bits"], entry["entries"]
     index = _read_stream(index_bytes, entry["index"], entries)
     code_entries = _read_stream(code_bytes, entry["codes"], entries)
-    positions = np.cumsum(index + 1) - 1
-    if entries and positions[-1] >= sizes[0]:
-        raise ValueError(f"indices run past the {sizes[0]} weights")
     if code_entries.size and code_entries.max() >= 1 << bits:
         raise ValueError(f"code {code_entries.max()} does not fit {bits} bits")
     codebook = np.frombuffer(codebook_bytes, "<f4").astype(np.float32)
-    codes = np.zeros(sizes[0], np.uint8)
-    codes[positions] = code_entries
-    weights = np.concatenate([[np.float32(0)], codebook])[codes].astype(np.float32)
+    lut = np.concatenate([np.zeros(1, np.float32), codebook, np.zeros((1 << bits) - 1 - codebook.size, np.float32)])
+    weights, codes, status = _kernels.scatter_entries(index, code_entries, lut, sizes[0])
+    if status < 0:
+        raise ValueError(f"indices run past the {sizes[0]} weights")
     others = np.frombuffer(other_bytes, "<f4")
     ends = np.cumsum(sizes[1:])
     blobs = [weights.reshape(shapes[0])] + [others[e - n:e].reshape(s).astype(np.float32)
