@@ -6,7 +6,7 @@ CLIPQ := $(VENV)/bin/clipq
 MODELS := cache/models
 NETS := lenet5 lenet300_100
 
-.PHONY: install data baseline finetune demo paper-sizes test test-slow prototxt clean
+.PHONY: install data baseline finetune compress demo paper-sizes test test-slow prototxt clean
 
 install:                ## Debian packages, .venv, BVLC Caffe (cached build), clipq; then `clipq doctor`
 	tools/install.sh
@@ -19,18 +19,32 @@ baseline: data          ## train LeNet-5 and LeNet-300-100 with `caffe train` (r
 	    $(CLIPQ) train --solver solvers/$${net}_solver.prototxt --output $(MODELS)/$${net}_fashion_mnist.caffemodel || exit 1; \
 	done
 
-finetune: baseline       ## CLIP-Q fine-tuning of LeNet-5 in Caffe (example plan), then export to a plain caffemodel
+finetune: baseline       ## by hand: LeNet-5 with the example plan through `caffe train`, then `clipq export`
 	$(CLIPQ) train --solver solvers/lenet5_clipq_solver.prototxt --weights $(MODELS)/lenet5_fashion_mnist.caffemodel \
 	    --output $(MODELS)/lenet5_clipq.caffemodel
 	$(CLIPQ) export --model prototxt/lenet5/clipq_train_val.prototxt --weights $(MODELS)/lenet5_clipq.caffemodel \
 	    --output $(MODELS)/lenet5_clipq_plain.caffemodel
 
-demo: finetune          ## baselines + CLIP-Q LeNet-5, each evaluated on the Fashion-MNIST test set
-	@echo; echo "Fashion-MNIST test top-1 (10,000 images):"
+# `clipq compress` settings of the demo: lambda 1000 (error in percent vs the share of the net's bits
+# saved; LeNet's ip1 holds 93% of them), 50 evaluations per layer, the solvers' 3,000 fine-tuning
+# iterations. FULL=1: 10,000 fine-tuning iterations, and LeNet-300-100 too.
+LAMBDA ?= 1000
+COMPRESS_NETS := lenet5 $(if $(FULL),lenet300_100)
+COMPRESS_FLAGS := --lam $(LAMBDA) $(if $(FULL),--max-iter 10000)
+
+compress: baseline      ## clipq compress (search, fine-tune, export, encode, decode, evaluate, report) on the LeNets
+	@for net in $(COMPRESS_NETS); do \
+	    $(CLIPQ) compress --model prototxt/$$net/train_val.prototxt --weights $(MODELS)/$${net}_fashion_mnist.caffemodel \
+	        --solver solvers/$${net}_clipq_solver.prototxt --out cache/compress/$$net$(if $(FULL),_full) $(COMPRESS_FLAGS) \
+	        || exit 1; \
+	done
+
+demo: compress          ## install, data, baselines, then the whole CLIP-Q pipeline on LeNet-5 (FULL=1: longer, both LeNets)
+	@echo; echo "Fashion-MNIST test top-1 of the baselines (10,000 images):"
 	@for net in $(NETS); do \
 	    $(call report,$$net,prototxt/$$net/train_val.prototxt,$(MODELS)/$${net}_fashion_mnist.caffemodel) || exit 1; \
 	done
-	@$(call report,lenet5 CLIP-Q (example plan; exported plain caffemodel),prototxt/lenet5/train_val.prototxt,$(MODELS)/lenet5_clipq_plain.caffemodel)
+	@for net in $(COMPRESS_NETS); do echo "CLIP-Q report: $$(readlink -f cache/compress/$$net$(if $(FULL),_full)/report.md)"; done
 
 # report NAME,TRAIN_VAL,WEIGHTS: one line with the test accuracy and where the model is
 report = acc=$$($(CLIPQ) evaluate --model $(2) --weights $(3) --json \

@@ -14,33 +14,20 @@ model (weights already quantized: no operator, only the codec).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layer_overhead import machine_line  # noqa: E402
+from layer_overhead import machine_line, median_ms  # noqa: E402
 
 from clipq import caffe_io, compressed_model, plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "prototxt" / "alexnet" / "deploy.prototxt"
 PLAN = REPO / "prototxt" / "alexnet" / "paper_params.yaml"
-
-
-def median_s(fn, repeats: int) -> float:
-    """Median wall time after one untimed warm-up run (JIT compilation, page cache)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -68,7 +55,7 @@ def main(argv=None) -> int:
             "clipq encode (exported)": lambda: compressed_model.encode_file(DEPLOY, decoded, tmp / "re.clipq",
                                                                             paper_plan),
         }
-        times = {name: median_s(step, args.repeats) for name, step in steps.items()}
+        times = {name: median_ms(step, args.repeats) / 1000 for name, step in steps.items()}
         print(f"# AlexNet deploy, {count / 1e6:.1f}M parameters, random weights, paper Table 1 (p, b); "
               f"median of {args.repeats}")
         print(f"# caffemodel {weights.stat().st_size / 1e6:.1f} MB, .clipq {packed.stat().st_size / 1e6:.2f} MB")

@@ -86,6 +86,7 @@ def clipq_version(net_text: str, plan: dict, workdir: Path) -> str:
 
 
 def median_ms(fn, repeats: int) -> float:
+    """Median wall time in ms after one untimed warm-up run (JIT compilation, page cache)."""
     fn()
     times = []
     for _ in range(repeats):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,3 +33,17 @@ def fashion_mnist_slices(tmp_path_factory):
     for name, split, n in (("train", train, 6000), ("test", test, 1000), ("tiny", train, 64)):
         datasets.write_lmdb(datasets.Split(split.images[:n], split.labels[:n]), root / name)
     return {name: root / name for name in ("train", "test", "tiny")}
+
+
+def random_caffemodel(deploy, path, std: float, seed: int = 0):
+    """Save `deploy` with Gaussian random weights and biases to `path`; return the pycaffe net."""
+    from clipq import caffe_io
+
+    cf = caffe_io.caffe()
+    net = cf.Net(str(deploy), cf.TEST)
+    rng = np.random.default_rng(seed)
+    for blobs in net.params.values():
+        for blob in blobs:
+            blob.data[...] = rng.normal(0, std, blob.data.shape)
+    net.save(str(path))
+    return net

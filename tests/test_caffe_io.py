@@ -8,6 +8,7 @@ import pytest
 
 from clipq import caffe_io, datasets, nets
 from clipq.errors import ClipqError
+from conftest import random_caffemodel
 
 
 @pytest.fixture
@@ -23,17 +24,6 @@ def small_test_set(tmp_path):
     return split, tmp_path
 
 
-def random_weights(deploy, path):
-    cf = caffe_io.caffe()
-    net = cf.Net(str(deploy), cf.TEST)
-    rng = np.random.default_rng(1)
-    for blobs in net.params.values():
-        for blob in blobs:
-            blob.data[...] = rng.normal(0, 0.1, blob.data.shape)
-    net.save(str(path))
-    return net
-
-
 def test_datum_round_trip_keeps_image_and_label():
     image = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     decoded, label = caffe_io.datum_to_image(caffe_io.image_to_datum(image, 7))
@@ -42,7 +32,7 @@ def test_datum_round_trip_keeps_image_and_label():
 
 def test_evaluate_equals_accuracy_computed_from_the_deploy_net(small_test_set):
     split, d = small_test_set
-    deploy_net = random_weights(d / "deploy.prototxt", d / "w.caffemodel")
+    deploy_net = random_caffemodel(d / "deploy.prototxt", d / "w.caffemodel", std=0.1, seed=1)
     deploy_net.blobs["data"].data[...] = split.images[:, None] / 256.0
     predicted = deploy_net.forward()["prob"].argmax(axis=1)
     scores = caffe_io.evaluate(d / "train_val.prototxt", d / "w.caffemodel")

@@ -9,6 +9,7 @@ import pytest
 from clipq import caffe_io, caffemodel, compressed_model, convert, size
 from clipq.errors import ClipqError
 from clipq.plan import LayerPlan
+from conftest import random_caffemodel
 
 PLAN = {"conv1": LayerPlan(0.2, 6), "conv2": LayerPlan(0.6, 4), "ip1": LayerPlan(0.95, 3), "ip2": LayerPlan(0.5, 4)}
 
@@ -16,14 +17,8 @@ PLAN = {"conv1": LayerPlan(0.2, 6), "conv2": LayerPlan(0.6, 4), "ip1": LayerPlan
 @pytest.fixture
 def lenet5(tmp_path, repo):
     """LeNet-5 deploy with random full-precision weights, and its CLIP-Q version."""
-    cf = caffe_io.caffe()
     deploy = repo / "prototxt" / "lenet5" / "deploy.prototxt"
-    net = cf.Net(str(deploy), cf.TEST)
-    rng = np.random.default_rng(0)
-    for blobs in net.params.values():
-        for blob in blobs:
-            blob.data[...] = rng.normal(0, 0.05, blob.data.shape)
-    net.save(str(tmp_path / "w.caffemodel"))
+    random_caffemodel(deploy, tmp_path / "w.caffemodel", std=0.05)
     clipq_proto = tmp_path / "clipq.prototxt"
     clipq_proto.write_text(str(convert.to_clipq(caffe_io.read_net_param(deploy), PLAN)))
     return deploy, clipq_proto, tmp_path / "w.caffemodel"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -84,6 +85,34 @@ def _size(args) -> int:
     return 0
 
 
+def _search(args) -> int:
+    from clipq import search
+
+    plan = search.run(args.model, args.weights, args.out, args.layers, _settings(args), args.jobs, args.data,
+                      progress=not args.no_progress)
+    for name, lp in plan.items():
+        print(f"{name:<28} p={lp.p:.3f}  b={lp.bits}")
+    print(f"{args.out / 'plan.yaml'}; plots in {args.out / 'plots'}")
+    return 0
+
+
+def _settings(args):
+    from clipq import search
+
+    return search.SearchSettings(lam=args.lam, iterations=args.iterations, initial=args.initial,
+                                 subset=args.subset, seed=args.seed, p_max=args.p_max)
+
+
+def _compress(args) -> int:
+    from clipq import pipeline
+
+    config = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, args.plan, _settings(args),
+                                     args.jobs, args.max_iter, args.huffman, not args.no_progress)
+    pipeline.run(config, log=lambda msg: print(msg, file=sys.stderr))
+    print((args.out / "report.md").read_text())
+    return 0
+
+
 def _train(args) -> int:
     from clipq import train
 
@@ -103,6 +132,17 @@ def _evaluate(args) -> int:
         for name, value in scores.items():
             print(f"{name:<12}{value:.4f}")
     return 0
+
+
+def _search_arguments(p) -> None:
+    """The search options `clipq search` and `clipq compress` share."""
+    p.add_argument("--lam", type=float, default=10.0, help="lambda of Eq. 1 (default 10)")
+    p.add_argument("--iterations", type=int, default=50, help="evaluations per layer (default 50, as the paper)")
+    p.add_argument("--initial", type=int, default=5, help="random evaluations before the GP (default 5)")
+    p.add_argument("--subset", type=int, default=5000, help="training images per evaluation (multiple of 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the search")
+    p.add_argument("--p-max", type=float, default=0.99, help="largest pruning rate searched (default 0.99)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: cores)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +172,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", type=Path, required=True, help="per-layer (p, b) file, YAML or JSON")
     p.add_argument("--output", type=Path, required=True, help="CLIP-Q prototxt to write")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("search", help="Bayesian search of each layer's (p, b) (GP + expected improvement)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="For each Convolution / InnerProduct layer, minimise error(p, b) - lambda * c(p, b) "
+                                   "(CLIP-Q Eq. 1): error = top-1 error in percent on a random training subset "
+                                   "with only that layer pruned-quantized (real Caffe, TEST phase, no fine-tuning); "
+                                   "c = the layer's bits saved by the .clipq encoding over all the net's float32 "
+                                   "bits. GPyOpt, GP with expected improvement; p in [0, p_max], b continuous in "
+                                   "[0.5, 8.5] then rounded.",
+                       epilog="Every evaluation is logged in OUT/search/<layer>.jsonl as it finishes; rerunning "
+                              "the same command resumes (Ctrl-C loses nothing finished).\n"
+                              "Writes OUT/plan.yaml (for `clipq convert`) and OUT/plots/<layer>.png (Fig. 3 style).\n"
+                              "The paper used lambda 40 (AlexNet), 5 (GoogLeNet), 10 (ResNet-50), 50 iterations.")
+    p.add_argument("--model", type=Path, required=True, help="plain train_val prototxt (TRAIN Data layer, TEST Accuracy)")
+    p.add_argument("--weights", type=Path, required=True, help="trained plain caffemodel")
+    p.add_argument("--out", type=Path, required=True, help="output directory (logs, plan, plots)")
+    p.add_argument("--layers", nargs="+", help="layers to search (default: every Convolution/InnerProduct layer)")
+    _search_arguments(p)
+    p.add_argument("--data", help="training LMDB to draw the subset from (default: the TRAIN Data layer's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser("compress", help="the whole pipeline: evaluate, search, convert, fine-tune, export, encode, "
+                                        "decode, evaluate, report",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="CLIP-Q end to end on a trained Caffe model: baseline top-1 on the TEST set -> "
+                                   "Bayesian search of (p, b) per layer (or --plan) -> CLIP-Q layers -> fine-tuning "
+                                   "with `caffe train` and the given solver (its net and snapshot_prefix are "
+                                   "replaced) -> export -> .clipq -> decode -> top-1 of the decoded plain "
+                                   "caffemodel with plain Caffe -> OUT/report.md and report.json (layerwise table, "
+                                   "accuracies, sizes, stage times, search plots).",
+                       epilog="Resumable: each stage is skipped when its outputs exist and its inputs (files, "
+                              "settings) did not change; the search and the fine-tuning resume inside their "
+                              "stage. Run from the directory the prototxts' relative paths refer to.")
+    p.add_argument("--model", type=Path, required=True, help="plain train_val prototxt (LMDB Data layers, Accuracy)")
+    p.add_argument("--weights", type=Path, required=True, help="trained plain caffemodel")
+    p.add_argument("--solver", type=Path, required=True, help="fine-tuning solver prototxt")
+    p.add_argument("--out", type=Path, required=True, help="work and output directory")
+    p.add_argument("--plan", type=Path, help="use this (p, b) plan instead of searching")
+    p.add_argument("--max-iter", type=int, help="fine-tuning iterations (default: the solver's max_iter)")
+    p.add_argument("--huffman", action="store_true", help="Huffman-code the .clipq streams")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _search_arguments(p)
+    p.set_defaults(func=_compress)
 
     p = sub.add_parser("train", help="run `caffe train` resumably, with a progress bar",
                        description="Train with the real `caffe train --solver SOLVER`. Resumes from the newest "

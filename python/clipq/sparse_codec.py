@@ -14,7 +14,7 @@ Layers that are not compressed (BatchNorm, Scale, aux branches, ...) are stored 
 Optionally (`huffman=True`) both streams are Huffman-coded (Table 4's bracketed sizes).
 
 File: magic (8 bytes) | format version (u32 LE) | header length (u32) | header CRC32 (u32) | header
-(JSON) | payload. The header lists each layer (name, type, blob shapes, p, b, k, counts, stream
+(zlib-compressed JSON) | payload. The header lists each layer (name, type, blob shapes, p, b, k, counts, stream
 lengths, byte offset and length, CRC32 of its payload). Pure numpy: no Caffe import.
 """
 
@@ -172,8 +172,8 @@ def encode(layers: list[Layer], meta: dict | None = None, use_huffman: bool = Fa
         entries.append(entry)
         payloads.append(payload)
         offset += len(payload)
-    header = json.dumps({"format": "clipq", "version": FORMAT_VERSION, "huffman": use_huffman,
-                         "meta": meta or {}, "layers": entries}).encode()
+    header = zlib.compress(json.dumps({"format": "clipq", "version": FORMAT_VERSION, "huffman": use_huffman,
+                                       "meta": meta or {}, "layers": entries}, separators=(",", ":")).encode(), 9)
     return (MAGIC + struct.pack("<III", FORMAT_VERSION, len(header), zlib.crc32(header)) + header
             + b"".join(payloads))
 
@@ -192,7 +192,7 @@ def read_header(data: bytes, source: str = "file") -> tuple[dict, int]:
         raise ClipqError(f"{source}: truncated in the header")
     if zlib.crc32(header) != header_crc:
         raise ClipqError(f"{source}: header CRC mismatch (corrupt file)")
-    return json.loads(header), fixed + header_len
+    return json.loads(zlib.decompress(header)), fixed + header_len
 
 
 def decode(data: bytes, source: str = "file") -> tuple[dict, list[Layer]]:

@@ -1,0 +1,279 @@
+"""Bayesian search of each layer's (p, b) (CLIP-Q section 3.2): GP + expected improvement via GPyOpt.
+
+For each layer i, minimise  eps(theta) - lambda * c_i(theta)  over theta = (p, b), where eps is the top-1
+error in percent on a training subset with layer i pruned-quantized and c_i the layer's share of the
+net's bits saved by compressing it (`subset_eval`). Error in percent is what makes the paper's lambda
+(40 AlexNet, 5 GoogLeNet, 10 ResNet-50) give its tables: with error as a fraction, any lambda of that
+size would favour maximal compression everywhere.
+
+Domain: p in [0, p_max] (continuous); b continuous in [0.5, 8.5] and rounded to the nearest integer
+(so every bit width 1..8 owns an equal share of the axis), the "b before rounding" of the paper's
+Fig. 3. The first `initial` points of a layer are drawn at random, the rest are GPyOpt's EI
+suggestions from all points so far. Layers are independent: they run in parallel processes.
+
+Every evaluation is appended (and flushed) to `<out>/search/<layer>.jsonl` when it finishes; running the
+same command again resumes from those logs, so Ctrl-C or a crash loses at most the evaluation in
+progress. The best point of each layer becomes the plan (`plan.yaml`); `plots/<layer>.png` shows the
+search like Fig. 3.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from clipq.atomic import atomic_write
+from clipq.errors import ClipqError
+from clipq.plan import LayerPlan, save_plan
+from clipq.prune_quant import MAX_BITS
+
+B_DOMAIN = (0.5, MAX_BITS + 0.5)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What changes the search's result (a resumed log must have been made with the same)."""
+
+    lam: float = 10.0
+    iterations: int = 50
+    initial: int = 5
+    subset: int = 5000
+    seed: int = 0
+    p_max: float = 0.99
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    iteration: int
+    p: float
+    b_raw: float   # GPyOpt's continuous b, before rounding
+    bits: int
+    error: float   # top-1 error on the subset, percent
+    benefit: float  # c_i
+    objective: float
+    seconds: float
+
+
+def objective(error: float, benefit: float, lam: float) -> float:
+    """Eq. 1 of the paper: eps(theta) - lambda * c_i(theta)."""
+    return error - lam * benefit
+
+
+def round_bits(b_raw: float) -> int:
+    """Nearest bit width in 1..8 (half up)."""
+    return int(min(max(math.floor(b_raw + 0.5), 1), MAX_BITS))
+
+
+def _rng(settings: SearchSettings, layer_index: int, iteration: int) -> np.random.Generator:
+    return np.random.default_rng([settings.seed, layer_index, iteration])
+
+
+def suggest(history: list[Evaluation], settings: SearchSettings, layer_index: int) -> tuple[float, float]:
+    """The next (p, b_raw) to evaluate: random for the initial design, then GP-EI (GPyOpt)."""
+    iteration = len(history)
+    rng = _rng(settings, layer_index, iteration)
+    if iteration < settings.initial:
+        return float(rng.uniform(0, settings.p_max)), float(rng.uniform(*B_DOMAIN))
+    os.environ.setdefault("MPLBACKEND", "Agg")  # GPyOpt imports pylab
+    import GPyOpt
+    from threadpoolctl import threadpool_limits
+
+    domain = [{"name": "p", "type": "continuous", "domain": (0.0, settings.p_max)},
+              {"name": "b", "type": "continuous", "domain": B_DOMAIN}]
+    X = np.array([[e.p, e.b_raw] for e in history])
+    Y = np.array([[e.objective] for e in history])
+    np.random.seed(int(rng.integers(2 ** 31)))  # GPyOpt draws from numpy's global generator
+    with threadpool_limits(1):  # tiny matrices: threads cost more than they save (measured 5x slower)
+        bo = GPyOpt.methods.BayesianOptimization(f=None, domain=domain, X=X, Y=Y, acquisition_type="EI",
+                                                 normalize_Y=True, exact_feval=False, optimize_restarts=1,
+                                                 verbosity=False)
+        p, b_raw = bo.suggest_next_locations()[0]
+    return float(np.clip(p, 0.0, settings.p_max)), float(np.clip(b_raw, *B_DOMAIN))
+
+
+def layer_log(out: Path, layer: str) -> Path:
+    return out / "search" / (layer.replace("/", "__") + ".jsonl")
+
+
+def read_log(path: Path, layer: str, settings: SearchSettings, model_id: str) -> list[Evaluation]:
+    """Evaluations logged so far (none if no log); refuse a log made with other settings or weights."""
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    head = lines[0] if lines else {}
+    logged = {k: v for k, v in head.get("settings", {}).items() if k != "iterations"}
+    mine = {k: v for k, v in asdict(settings).items() if k != "iterations"}
+    if logged != mine or head.get("layer") != layer or head.get("model") != model_id:
+        raise ClipqError(f"{path}: this search log was made with other settings or another model "
+                         f"({head.get('settings')}, model {head.get('model')}); use another --out, or delete it")
+    return [Evaluation(**entry) for entry in lines[1:]]
+
+
+def append_log(path: Path, entry: dict) -> None:
+    """One JSON line, flushed to disk before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def search_layer(layer: str, layer_index: int, evaluate: Callable[[str, float, int], tuple[float, float]],
+                 settings: SearchSettings, out: Path, model_id: str) -> list[Evaluation]:
+    """Run (or resume) one layer's search to `settings.iterations` evaluations."""
+    path = layer_log(out, layer)
+    history = read_log(path, layer, settings, model_id)
+    if not path.exists():
+        append_log(path, {"layer": layer, "model": model_id, "settings": asdict(settings)})
+    while len(history) < settings.iterations:
+        start = time.perf_counter()
+        p, b_raw = suggest(history, settings, layer_index)
+        bits = round_bits(b_raw)
+        error, benefit = evaluate(layer, p, bits)
+        entry = Evaluation(len(history), p, b_raw, bits, error, benefit, objective(error, benefit, settings.lam),
+                           time.perf_counter() - start)
+        append_log(path, asdict(entry))
+        history.append(entry)
+    return history
+
+
+def best(history: list[Evaluation]) -> Evaluation:
+    """The evaluation with the lowest objective (the earliest among equals)."""
+    return min(history, key=lambda e: (e.objective, e.iteration))
+
+
+def plot_layer(layer: str, history: list[Evaluation], path: Path) -> None:
+    """Fig. 3 of the paper for one layer: p chosen, b before rounding, best objective so far."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    it = [e.iteration + 1 for e in history]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
+    axes[0].plot(it, [e.p for e in history], ".-")
+    axes[0].set(title=f"{layer}: p", xlabel="iteration", ylim=(0, 1))
+    axes[1].plot(it, [e.b_raw for e in history], ".-")
+    axes[1].set(title="b before rounding", xlabel="iteration", ylim=B_DOMAIN)
+    axes[2].plot(it, np.minimum.accumulate([e.objective for e in history]), "-")
+    axes[2].set(title="best objective so far", xlabel="iteration")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
+    plt.close(fig)
+
+
+# --- running the search on a Caffe model ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchJob:
+    eval_prototxt: str
+    weights: str
+    accuracy_blob: str
+    out: str
+    settings: SearchSettings
+    model_id: str
+
+
+def _worker(job: SearchJob, layers: list[tuple[int, str]]) -> None:
+    from clipq.subset_eval import SubsetEvaluator
+
+    evaluate = SubsetEvaluator(job.eval_prototxt, job.weights, job.accuracy_blob, job.settings.subset)
+    for index, layer in layers:
+        search_layer(layer, index, evaluate, job.settings, Path(job.out), job.model_id)
+
+
+def model_id(weights: str | os.PathLike) -> str:
+    """Identifies the weights a log belongs to: name, size, and a hash of the first and last MB."""
+    import hashlib
+
+    path = Path(weights)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(path.stat().st_size - (1 << 20), 0))
+        digest.update(f.read(1 << 20))
+    return f"{path.name}:{path.stat().st_size}:{digest.hexdigest()[:16]}"
+
+
+def run(model, weights, out, layers: list[str] | None = None, settings: SearchSettings = SearchSettings(),
+        jobs: int = 1, data: str | None = None, progress: bool = True) -> dict[str, LayerPlan]:
+    """`clipq search`: search every (or the given) Convolution / InnerProduct layer; write plan.yaml and
+    the plots under `out`; return the plan."""
+    from clipq import caffe_io, subset_eval
+    from clipq.convert import compressible_layers
+
+    out = Path(out)
+    net = caffe_io.read_net_param(model)
+    names = compressible_layers(net)
+    layers = layers or names
+    unknown = [name for name in layers if name not in names]
+    if unknown:
+        raise ClipqError(f"{model}: no Convolution/InnerProduct layer(s) {', '.join(unknown)}; "
+                         f"compressible layers: {', '.join(names)}")
+    if settings.subset % subset_eval.EVAL_BATCH:
+        raise ClipqError(f"--subset must be a multiple of {subset_eval.EVAL_BATCH}, got {settings.subset}")
+    subset = out / f"subset_{settings.subset}_seed{settings.seed}_lmdb"
+    if not subset.exists():
+        subset_eval.write_subset(data or subset_eval.training_source(net, str(model)), settings.subset,
+                                 settings.seed, subset)
+    eval_net, accuracy_blob = subset_eval.eval_net_param(net, subset.resolve(), str(model))
+    eval_prototxt = out / "search_net.prototxt"
+    with atomic_write(eval_prototxt) as f:
+        f.write(str(eval_net))
+    job = SearchJob(str(eval_prototxt), str(weights), accuracy_blob, str(out), settings, model_id(weights))
+    indexed = [(names.index(name), name) for name in layers]
+    _run_workers(job, indexed, jobs, progress)
+    histories = {name: read_log(layer_log(out, name), name, settings, job.model_id) for name in layers}
+    plan = {name: LayerPlan(best(h).p, best(h).bits) for name, h in histories.items()}
+    for name, history in histories.items():
+        plot_layer(name, history, out / "plots" / (name.replace("/", "__") + ".png"))
+    save_plan(plan, out / "plan.yaml", extra={"lambda": settings.lam, "searched": {
+        name: {"objective": round(best(h).objective, 4), "error": round(best(h).error, 3),
+               "benefit": round(best(h).benefit, 6)} for name, h in histories.items()}})
+    return plan
+
+
+def _logged(job: SearchJob, layers: list[tuple[int, str]]) -> int:
+    total = 0
+    for _, name in layers:
+        path = layer_log(Path(job.out), name)
+        if path.exists():
+            total += max(sum(1 for line in path.read_text().splitlines() if line.strip()) - 1, 0)
+    return min(total, len(layers) * job.settings.iterations)
+
+
+def _run_workers(job: SearchJob, layers: list[tuple[int, str]], jobs: int, progress: bool) -> None:
+    """Layers split round robin over `jobs` processes; a progress bar counts the logged evaluations."""
+    from tqdm import tqdm
+
+    groups = [layers[i::jobs] for i in range(max(1, min(jobs, len(layers))))]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(job, group)) for group in groups]
+    for proc in procs:
+        proc.start()
+    bar = tqdm(total=len(layers) * job.settings.iterations, initial=_logged(job, layers), unit="eval",
+               desc=f"search ({len(layers)} layers, {len(groups)} jobs)", disable=not progress)
+    try:
+        while any(proc.is_alive() for proc in procs):
+            time.sleep(0.5)
+            bar.update(_logged(job, layers) - bar.n)
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        raise ClipqError("interrupted; every finished evaluation is logged: rerun the same command to resume") \
+            from None
+    finally:
+        bar.update(_logged(job, layers) - bar.n)
+        bar.close()
+    failed = [proc.exitcode for proc in procs if proc.exitcode]
+    if failed:
+        raise ClipqError(f"a search process failed (exit code {failed[0]}); see its error above. "
+                         "Finished evaluations are logged: fix the cause and rerun to resume")
