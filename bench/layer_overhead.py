@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     copy_ms = median_ms(lambda: np.copyto(out, w), args.repeats)
     partition_ms = median_ms(lambda: np.partition(w, w.size // 2), max(3, args.repeats // 3))
     op_ms = median_ms(lambda: prune_quant.clip_quantize(w, 0.96, 3, out=out), args.repeats)
-    print(f"\n# operator alone on fc6's 37.7M weights (p 0.96, b 3)")
+    print("\n# operator alone on fc6's 37.7M weights (p 0.96, b 3)")
     print(f"{'copy (np.copyto)':<28}{copy_ms:>10.1f} ms")
     print(f"{'np.partition':<28}{partition_ms:>10.1f} ms {partition_ms / copy_ms:>6.1f}x copy")
     print(f"{'clip_quantize':<28}{op_ms:>10.1f} ms {op_ms / copy_ms:>6.1f}x copy")

@@ -100,5 +100,5 @@ def test_random_weights_size_table_matches_the_encoded_layers(repo):
     assert [r.layer for r in rows] == list(PLAN)
     ip1 = next(r for r in rows if r.layer == "ip1")
     assert ip1.original == 4 * (500 * 800 + 500)
-    assert ip1.compressed == next(l.facts["length"] for l in layers if l.name == "ip1")
+    assert ip1.compressed == next(layer.facts["length"] for layer in layers if layer.name == "ip1")
     assert size.overall(layers).compressed < len(data)  # the file adds its header

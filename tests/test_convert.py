@@ -31,7 +31,8 @@ def lenet5_files(tmp_path, train_lmdb, test_lmdb, plan=PLAN, max_iter=300, snaps
 def test_convert_keeps_names_blobs_params_and_other_layers(repo):
     plain = caffe_io.read_net_param(repo / "prototxt" / "lenet5" / "train_val.prototxt")
     clipq_net = convert.to_clipq(plain, {"conv2": LayerPlan(0.5, 3)})
-    before, after = {l.name: l for l in plain.layer}, {l.name: l for l in clipq_net.layer}
+    before = {layer.name: layer for layer in plain.layer}
+    after = {layer.name: layer for layer in clipq_net.layer}
     assert list(before) == list(after)
     conv2 = after["conv2"]
     assert conv2.type == "Python" and conv2.python_param.layer == "ClipQConvolution"

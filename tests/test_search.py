@@ -3,12 +3,10 @@ and the (error, c_i) measurement in real Caffe."""
 
 from __future__ import annotations
 
-import json
 
-import numpy as np
 import pytest
 
-from clipq import caffe_io, nets, search, subset_eval
+from clipq import nets, search, subset_eval
 from clipq.errors import ClipqError
 from clipq.search import SearchSettings
 from conftest import random_caffemodel

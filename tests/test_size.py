@@ -10,7 +10,8 @@ from clipq import cli, size
 
 
 @pytest.mark.parametrize("n,text", [(140_000, "140 KB"), (9_120, "9.12 KB"), (1_800_000, "1.80 MB"),
-                                    (151_000_000, "151.0 MB"), (243_860_000, "243.9 MB"), (35_100, "35.1 KB"), (700, "700 B")])
+                                    (151_000_000, "151.0 MB"), (243_860_000, "243.9 MB"), (35_100, "35.1 KB"),
+                                    (700, "700 B")])
 def test_bytes_are_1000_based_with_three_significant_digits(n, text):
     assert size.format_bytes(n) == text
 
