@@ -57,6 +57,9 @@ paper-sizes: install    ## the storage columns of the paper's Tables 1-3, recomp
 	    $(CLIPQ) size --model prototxt/$$net/deploy.prototxt --plan prototxt/$$net/paper_params.yaml --paper || exit 1; \
 	done
 
+reproduce-%: install    ## the paper's experiment for alexnet|googlenet|resnet50: IMAGENET=dir WEIGHTS=zoo.caffemodel, or SMOKE=1
+	$(CLIPQ) reproduce $* $(if $(SMOKE),--smoke) $(if $(IMAGENET),--imagenet "$(IMAGENET)") $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(if $(PAPER_PLAN),--paper-plan)
+
 test: install           ## the default test tier (real Caffe; minutes once Caffe is built)
 	$(PY) -m pytest -q
 

@@ -74,7 +74,7 @@ def evaluator(tmp_path_factory, fashion_mnist_slices):
                          (100, 1, 28, 28), scale=1 / 256)
     net = nets.train_val("mlp", nets.lenet300_100_body, data)
     subset_eval.write_subset(subset_eval.training_source(net, "net"), 500, 0, tmp / "subset")
-    eval_net, accuracy = subset_eval.eval_net_param(net, tmp / "subset", "net")
+    eval_net, accuracy = subset_eval.eval_net_param(net, tmp / "subset", 500, "net")
     (tmp / "eval.prototxt").write_text(str(eval_net))
     deploy = tmp / "deploy.prototxt"
     deploy.write_text(str(nets.deploy("mlp", nets.lenet300_100_body, data)))

@@ -22,6 +22,18 @@ def caffe():
     return _caffe
 
 
+def set_mode() -> str:
+    """Caffe's device for clipq's own runs: CPU, or the GPU named by CLIPQ_DEVICE=gpu:N (GPU builds only)."""
+    cf = caffe()
+    device = os.environ.get("CLIPQ_DEVICE", "cpu")
+    if device.startswith("gpu"):
+        cf.set_mode_gpu()
+        cf.set_device(int(device.partition(":")[2] or 0))
+    else:
+        cf.set_mode_cpu()
+    return device
+
+
 def caffe_pb2():
     """Caffe's protobuf messages (imports only the generated module, not the C++ extension)."""
     from caffe.proto import caffe_pb2 as _pb2
@@ -96,7 +108,7 @@ def evaluate(prototxt: str | os.PathLike, weights: str | os.PathLike, iterations
     if iterations is None:
         iterations = test_iterations(read_net_param(prototxt))
     cf = caffe()
-    cf.set_mode_cpu()
+    set_mode()
     net = cf.Net(str(prototxt), str(weights), cf.TEST)
     totals: dict[str, float] = {}
     for _ in range(iterations):

@@ -113,6 +113,16 @@ def _compress(args) -> int:
     return 0
 
 
+def _reproduce(args) -> int:
+    from clipq import paths, reproduce
+
+    out = args.out or paths.cache_root() / "reproduce" / (args.net + ("_smoke" if args.smoke else ""))
+    reproduce.run(args.net, out, args.imagenet, args.weights, args.smoke, args.paper_plan, args.jobs,
+                  not args.no_progress, log=lambda msg: print(msg, file=sys.stderr))
+    print((out / "report.md").read_text())
+    return 0
+
+
 def _train(args) -> int:
     from clipq import train
 
@@ -139,7 +149,7 @@ def _search_arguments(p) -> None:
     p.add_argument("--lam", type=float, default=10.0, help="lambda of Eq. 1 (default 10)")
     p.add_argument("--iterations", type=int, default=50, help="evaluations per layer (default 50, as the paper)")
     p.add_argument("--initial", type=int, default=5, help="random evaluations before the GP (default 5)")
-    p.add_argument("--subset", type=int, default=5000, help="training images per evaluation (multiple of 100)")
+    p.add_argument("--subset", type=int, default=5000, help="training images per evaluation (<= 100, or a multiple of 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the search")
     p.add_argument("--p-max", type=float, default=0.99, help="largest pruning rate searched (default 0.99)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: cores)")
@@ -216,6 +226,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _search_arguments(p)
     p.set_defaults(func=_compress)
+
+    p = sub.add_parser("reproduce", help="the paper's AlexNet / GoogLeNet / ResNet-50 experiments (or --smoke)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="`clipq compress` with the paper's setup for NET: prototxt/NET/train_val reading "
+                                   "the ImageNet LMDBs, solvers/NET_clipq_solver.prototxt (the paper's schedule), "
+                                   "the paper's lambda (AlexNet 40, GoogLeNet 5, ResNet-50 10) and 50 evaluations "
+                                   "per layer; reports top-1 / top-5 on the validation LMDB and the layerwise table.",
+                       epilog="--smoke: every stage on synthetic data (random images and labels, filler weights, "
+                              "batches of 2, 2 evaluations per layer, 2 fine-tuning iterations) to check that the "
+                              "real prototxts run end to end on this machine; no accuracy meaning.\n"
+                              "Set CLIPQ_DEVICE=gpu:0 with a GPU build of Caffe (solver_mode follows it).")
+    p.add_argument("net", choices=["alexnet", "googlenet", "resnet50"])
+    p.add_argument("--imagenet", type=Path, help="directory with ilsvrc12_train_lmdb and ilsvrc12_val_lmdb")
+    p.add_argument("--weights", type=Path, help="the model-zoo caffemodel to compress")
+    p.add_argument("--out", type=Path, help="work directory (default: ~/.cache/clipq/reproduce/NET[_smoke])")
+    p.add_argument("--smoke", action="store_true", help="synthetic data, minutes on a CPU")
+    p.add_argument("--paper-plan", action="store_true", help="use the paper's (p, b) (Tables 1-3) instead of searching")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel search processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_reproduce)
 
     p = sub.add_parser("train", help="run `caffe train` resumably, with a progress bar",
                        description="Train with the real `caffe train --solver SOLVER`. Resumes from the newest "

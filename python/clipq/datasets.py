@@ -24,8 +24,8 @@ DONE_FILE = "clipq.json"  # written last: an LMDB without it is incomplete
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # (n, 28, 28) uint8
-    labels: np.ndarray  # (n,) uint8 in 0..9
+    images: np.ndarray  # (n, H, W) grey or (n, C, H, W) uint8
+    labels: np.ndarray  # (n,) integer labels
 
 
 def _read_gz(path: Path) -> bytes:
@@ -72,7 +72,7 @@ def load_split(source: Path, split: str, check_count: bool = True) -> Split:
 
 
 def write_lmdb(split: Split, out: Path, batch: int = 5000) -> None:
-    """Write `split` as an LMDB of Caffe Datums (keys %08d, 1x28x28 uint8), atomically, then verify it."""
+    """Write `split` as an LMDB of Caffe Datums (keys %08d, C x H x W uint8), atomically, then verify it."""
     import lmdb
 
     from clipq import caffe_io
@@ -82,11 +82,17 @@ def write_lmdb(split: Split, out: Path, batch: int = 5000) -> None:
         for start in range(0, len(split.labels), batch):
             with env.begin(write=True) as txn:
                 for i in range(start, min(start + batch, len(split.labels))):
-                    datum = caffe_io.image_to_datum(split.images[i][None], int(split.labels[i]))
+                    datum = caffe_io.image_to_datum(_chw(split.images[i]), int(split.labels[i]))
                     txn.put(b"%08d" % i, datum)
         env.close()
         verify_lmdb(tmp, split)
-        (tmp / DONE_FILE).write_text(json.dumps({"count": int(len(split.labels)), "shape": [1, 28, 28]}))
+        (tmp / DONE_FILE).write_text(json.dumps({"count": int(len(split.labels)),
+                                                 "shape": list(_chw(split.images[0]).shape) if len(split.labels) else []}))
+
+
+def _chw(image: np.ndarray) -> np.ndarray:
+    """A (C, H, W) view of a grey (H, W) or (C, H, W) image."""
+    return image[None] if image.ndim == 2 else image
 
 
 def verify_lmdb(path: Path, split: Split) -> None:
@@ -102,7 +108,7 @@ def verify_lmdb(path: Path, split: Split) -> None:
             raise ClipqError(f"{path}: {count} entries written, expected {len(split.labels)}")
         for i in {0, count - 1} if count else ():
             image, label = caffe_io.datum_to_image(txn.get(b"%08d" % i))
-            if label != split.labels[i] or not np.array_equal(image[0], split.images[i]):
+            if label != split.labels[i] or not np.array_equal(image, _chw(split.images[i])):
                 raise ClipqError(f"{path}: entry {i} does not decode to its source image")
     env.close()
 

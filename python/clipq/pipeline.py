@@ -179,6 +179,7 @@ def make_report(config: CompressConfig, baseline: dict, scores: dict, packed: Pa
         "plan": str(plan_path), "searched": config.plan is None, "settings": asdict(config.settings),
         "accuracy": {"baseline": baseline.get("accuracy"), "clipq_net": scores["clipq_net"].get("accuracy"),
                      "decoded": scores["decoded"].get("accuracy")},
+        "top5": {"baseline": baseline.get("accuracy_top5"), "decoded": scores["decoded"].get("accuracy_top5")},
         "size": {"float32_bytes": original, "clipq_file_bytes": packed.stat().st_size,
                  "rate": original / packed.stat().st_size, "huffman": header["huffman"]},
         "layers": [asdict(r) | {"rate": r.rate} for r in size.rows(layers) + [total]],
@@ -197,6 +198,8 @@ def report_markdown(report: dict, packed: Path) -> str:
         f"- weights: `{report['weights']}`; plan: `{report['plan']}` ({'searched' if report['searched'] else 'given'})",
         f"- top-1 (test set): baseline **{acc['baseline']:.4f}**, CLIP-Q net **{acc['clipq_net']:.4f}**, "
         f"decoded plain caffemodel **{acc['decoded']:.4f}** (drop {drop:+.2f} points)",
+        *([f"- top-5: baseline **{report['top5']['baseline']:.4f}**, decoded **{report['top5']['decoded']:.4f}**"]
+          if report["top5"]["baseline"] is not None else []),
         f"- size: float32 weights {size.format_bytes(report['size']['float32_bytes'])} -> "
         f"`{packed.name}` {report['size']['clipq_file_bytes']:,} bytes (**{report['size']['rate']:.1f}x**)",
         "",

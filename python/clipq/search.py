@@ -218,13 +218,14 @@ def run(model, weights, out, layers: list[str] | None = None, settings: SearchSe
     if unknown:
         raise ClipqError(f"{model}: no Convolution/InnerProduct layer(s) {', '.join(unknown)}; "
                          f"compressible layers: {', '.join(names)}")
-    if settings.subset % subset_eval.EVAL_BATCH:
-        raise ClipqError(f"--subset must be a multiple of {subset_eval.EVAL_BATCH}, got {settings.subset}")
+    if settings.subset <= 0 or settings.subset % subset_eval.eval_batch(settings.subset):
+        raise ClipqError(f"--subset must be at most {subset_eval.EVAL_BATCH} or a multiple of it, "
+                         f"got {settings.subset}")
     subset = out / f"subset_{settings.subset}_seed{settings.seed}_lmdb"
     if not subset.exists():
         subset_eval.write_subset(data or subset_eval.training_source(net, str(model)), settings.subset,
                                  settings.seed, subset)
-    eval_net, accuracy_blob = subset_eval.eval_net_param(net, subset.resolve(), str(model))
+    eval_net, accuracy_blob = subset_eval.eval_net_param(net, subset.resolve(), settings.subset, str(model))
     eval_prototxt = out / "search_net.prototxt"
     with atomic_write(eval_prototxt) as f:
         f.write(str(eval_net))

@@ -52,7 +52,12 @@ def write_subset(train_lmdb: str, count: int, seed: int, out: Path) -> None:
     env.close()
 
 
-def eval_net_param(net_param, subset: Path, source: str):
+def eval_batch(count: int) -> int:
+    """Batch size of the subset net: EVAL_BATCH, or the whole subset if smaller."""
+    return min(EVAL_BATCH, count)
+
+
+def eval_net_param(net_param, subset: Path, count: int, source: str):
     """The train_val with its TEST Data layer reading the subset, and the top-1 accuracy blob's name."""
     pb2 = caffe_io.caffe_pb2()
     test = pb2.Phase.Value("TEST")
@@ -63,7 +68,7 @@ def eval_net_param(net_param, subset: Path, source: str):
     if len(data) != 1 or not accuracy:
         raise ClipqError(f"{source}: the search needs one TEST-phase Data layer and a top-1 Accuracy layer")
     data[0].data_param.source = str(subset)
-    data[0].data_param.batch_size = EVAL_BATCH
+    data[0].data_param.batch_size = eval_batch(count)
     return net, accuracy[0].top[0]
 
 
@@ -73,10 +78,10 @@ class SubsetEvaluator:
     def __init__(self, eval_prototxt: str | os.PathLike, weights: str | os.PathLike, accuracy_blob: str,
                  count: int):
         cf = caffe_io.caffe()
-        cf.set_mode_cpu()
+        caffe_io.set_mode()
         self.net = cf.Net(str(eval_prototxt), str(weights), cf.TEST)
         self.accuracy_blob = accuracy_blob
-        self.iterations = count // EVAL_BATCH
+        self.iterations = count // eval_batch(count)
         self.original = {name: [b.data.copy() for b in blobs] for name, blobs in self.net.params.items()}
         self.total_bits = 32 * sum(b.size for blobs in self.original.values() for b in blobs)
 
