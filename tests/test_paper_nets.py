@@ -101,9 +101,20 @@ def test_resnet50_overall_size_counts_the_batchnorm_and_scale_blobs():
 
 @pytest.mark.parametrize("name", PAPER_NETS)
 def test_train_val_names_the_layers_with_blobs_of_deploy(name):
+    """The same learnable layers, except GoogLeNet's training-only auxiliary classifiers loss1/*, loss2/*."""
     train_val = caffe_io.read_net_param(nets.PROTOTXT / name / "train_val.prototxt")
     with_blobs = [layer.name for layer in train_val.layer if layer.type in WITH_BLOBS]
-    assert list(deploy_net(name).params) == with_blobs
+    aux = [layer for layer in with_blobs if layer.startswith(("loss1/", "loss2/"))]
+    assert list(deploy_net(name).params) == [layer for layer in with_blobs if layer not in aux]
+    assert len(aux) == (6 if name == "googlenet" else 0)  # conv, fc, classifier per branch
+
+
+def test_googlenet_aux_classifiers_train_with_weight_03_and_stay_plain():
+    clipq_net = caffe_io.read_net_param(nets.PROTOTXT / "googlenet" / "clipq_train_val.prototxt")
+    layers = {layer.name: layer for layer in clipq_net.layer}
+    assert [layers[f"loss{i}/loss"].loss_weight[0] for i in (1, 2)] == [pytest.approx(0.3)] * 2
+    assert layers["loss1/classifier"].type == "InnerProduct" and layers["loss2/conv"].type == "Convolution"
+    assert layers["loss3/classifier"].type == "Python"
 
 
 @pytest.mark.parametrize("name", PAPER_NETS)

@@ -16,6 +16,10 @@ def test_bytes_are_1000_based_with_three_significant_digits(n, text):
     assert size.format_bytes(n) == text
 
 
+def test_rates_keep_a_decimal_below_ten_so_a_growing_layer_shows():
+    assert [size.format_rate(r) for r in (51.2, 9.46, 0.5)] == ["51x", "9.5x", "0.5x"]
+
+
 def test_paper_sizes_parse():
     assert size.parse_size("243.9 MB") == pytest.approx(243.9e6)
     with pytest.raises(ValueError):

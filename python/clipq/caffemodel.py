@@ -134,6 +134,21 @@ def read(path: str | os.PathLike) -> list[LayerWeights]:
     return layers
 
 
+def is_v1(path: str | os.PathLike) -> bool:
+    """Whether a caffemodel holds Caffe's deprecated V0/V1 `layers` (field 2; top-level fields only)."""
+    try:
+        with open(path, "rb") as f:
+            if not os.fstat(f.fileno()).st_size:
+                return False
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise ClipqError(f"{path}: cannot read caffemodel ({e.strerror})") from None
+    try:
+        return any(number == NET_LAYERS_V1 for number, _, _ in _fields(buf, 0, len(buf)))
+    except (ValueError, IndexError) as e:
+        raise ClipqError(f"{path}: not a valid caffemodel ({e or 'truncated'})") from None
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:

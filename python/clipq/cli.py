@@ -306,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "md", "json"], default="text")
     p.set_defaults(func=_size)
 
+    from clipq import zoo
+
+    p = sub.add_parser("zoo", help=zoo.HELP)
+    zoo.add_arguments(p)
+    p.set_defaults(func=zoo.run_from_args)
+
     p = sub.add_parser("evaluate", help="accuracy/loss of a train_val net over its TEST data",
                        description="Run a train_val prototxt in TEST phase with the given weights over its "
                                    "TEST Data layer's LMDB (once through, by default) and print the mean of "

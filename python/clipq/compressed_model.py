@@ -27,13 +27,17 @@ SAMPLE = 1 << 16  # weights looked at to tell an exported (already quantized) la
 
 
 def quantized_layer(name: str, layer_type: str, blobs: list[np.ndarray], lp: LayerPlan) -> Layer:
-    """A compressed Layer: exact if the weights already have <= 2^b - 1 levels, else pruned-quantized."""
+    """A compressed Layer: stored exactly if the weights already look pruned-quantized at (p, b) (an exported
+    model), else pruned-quantized now."""
     weights = np.asarray(blobs[0], np.float32)
     levels = 2 ** lp.bits - 1
     codes = codebook = None
-    nonzero_sample = weights.reshape(-1)[:SAMPLE]
-    candidates = np.unique(nonzero_sample[nonzero_sample != 0])
-    if candidates.size <= levels:  # looks like an exported model: check every weight is one of these
+    sample = weights.reshape(-1)[:SAMPLE]
+    candidates = np.unique(sample[sample != 0])
+    # An exported layer has at most 2^b - 1 levels and about round(p * n) zeros (2 for the per-sign
+    # rounding); a small full-precision layer can have few distinct values but has no zeros.
+    pruned_enough = np.count_nonzero(weights == 0) >= lp.p * weights.size - 2
+    if candidates.size <= levels and pruned_enough:  # looks exported: check every weight is one of these
         codes = _kernels.codes_for_levels(weights, candidates)
         if codes is None and weights.size > SAMPLE:
             candidates = np.unique(weights[weights != 0])

@@ -188,8 +188,8 @@ def _inception(n, bottom, module: str):
 
 
 def googlenet_body(n, bottom):
-    """BVLC GoogLeNet (Caffe's models/bvlc_googlenet) without the auxiliary classifiers loss1/* and loss2/*
-    (training-only; the paper leaves them out too). Names, shapes and fillers as in BVLC's train_val."""
+    """BVLC GoogLeNet (Caffe's models/bvlc_googlenet) up to loss3/classifier; the auxiliary classifiers
+    (training only) are `googlenet_aux`. Names, shapes and fillers as in BVLC's train_val."""
     from caffe import layers as L, params as P
 
     x = _conv_relu(n, bottom, "conv1", "7x7_s2", 64, 7, relu_kind="7x7", pad=3, stride=2)
@@ -210,6 +210,24 @@ def googlenet_body(n, bottom):
     n["pool5/drop_7x7_s1"] = L.Dropout(n["pool5/7x7_s1"], dropout_ratio=0.4, in_place=True)
     n["loss3/classifier"] = L.InnerProduct(n["pool5/drop_7x7_s1"], num_output=1000, **_learned(bias=0))
     return n["loss3/classifier"]
+
+
+def googlenet_aux(n) -> list[tuple[object, float]]:
+    """BVLC GoogLeNet's auxiliary classifiers loss1/* (after inception_4a) and loss2/* (after inception_4d),
+    for training only: average pool 5x5/3, 1x1 conv 128, fc 1024 with dropout 0.7, classifier 1000.
+    Returns (logits, loss weight 0.3) per branch. They stay plain layers (the paper does not compress them)."""
+    from caffe import layers as L, params as P
+
+    heads = []
+    for prefix, source in (("loss1", "inception_4a/output"), ("loss2", "inception_4d/output")):
+        n[f"{prefix}/ave_pool"] = L.Pooling(n[source], pool=P.Pooling.AVE, kernel_size=5, stride=3)
+        x = _conv_relu(n, n[f"{prefix}/ave_pool"], prefix, "conv", 128, 1)
+        n[f"{prefix}/fc"] = L.InnerProduct(x, num_output=1024, **_learned(bias=0.2))
+        n[f"{prefix}/relu_fc"] = L.ReLU(n[f"{prefix}/fc"], in_place=True)
+        n[f"{prefix}/drop_fc"] = L.Dropout(n[f"{prefix}/relu_fc"], dropout_ratio=0.7, in_place=True)
+        n[f"{prefix}/classifier"] = L.InnerProduct(n[f"{prefix}/drop_fc"], num_output=1000, **_learned(bias=0))
+        heads.append((n[f"{prefix}/classifier"], 0.3))
+    return heads
 
 
 RESNET50_STAGES = ((2, 3, 64), (3, 4, 128), (4, 6, 256), (5, 3, 512))  # stage, blocks, bottleneck width
@@ -275,9 +293,9 @@ def _data_layer(phase, source: str, batch: int, transform_param: dict):
                   data_param=dict(source=source, batch_size=batch, backend=P.Data.LMDB), ntop=2)
 
 
-def train_val(name: str, body: Callable, data: DataSpec):
+def train_val(name: str, body: Callable, data: DataSpec, aux: Callable | None = None):
     """TRAIN and TEST Data layers (same tops), the body, TEST accuracy (and top-5 if `data.top5`) and the
-    softmax loss."""
+    softmax loss; `aux(n)` adds auxiliary classifiers (logits, loss weight), each with its loss."""
     import caffe
     from caffe import layers as L
 
@@ -285,6 +303,8 @@ def train_val(name: str, body: Callable, data: DataSpec):
         n = caffe.NetSpec()
         n.data, n.label = _data_layer(phase, source, batch, data.transform_param(train=phase == caffe.TRAIN))
         logits = body(n, n.data)
+        for i, (aux_logits, weight) in enumerate(aux(n) if aux else [], start=1):
+            n[f"loss{i}/loss"] = L.SoftmaxWithLoss(aux_logits, n.label, loss_weight=weight)
         n.accuracy = L.Accuracy(logits, n.label, include=dict(phase=caffe.TEST))
         if data.top5:
             n.accuracy_top5 = L.Accuracy(logits, n.label, accuracy_param=dict(top_k=5), include=dict(phase=caffe.TEST))
@@ -317,12 +337,34 @@ def deploy(name: str, body: Callable, data: DataSpec):
     return proto
 
 
-NETS = {  # directory under prototxt/ -> (net name, body, data)
-    "lenet5": ("LeNet5", lenet5_body, FASHION_MNIST_DATA),
-    "lenet300_100": ("LeNet300_100", lenet300_100_body, FASHION_MNIST_DATA),
-    "alexnet": ("AlexNet", alexnet_body, ALEXNET_DATA),
-    "googlenet": ("GoogleNet", googlenet_body, GOOGLENET_DATA),
-    "resnet50": ("ResNet-50", resnet50_body, RESNET50_DATA),
+def mini_resnet_inception_body(n, bottom):
+    """A small Fashion-MNIST net in none of the paper's architectures (`clipq zoo`'s test model; not in NETS):
+    conv1 (stride 2) + BatchNorm/Scale/ReLU, a residual block res2a (two 3x3 convolutions with BatchNorm/Scale,
+    Eltwise sum with the identity), 2x2 max pool, a GoogLeNet-style block mix (1x1, 3x3 and 5x5 branches
+    joined by Concat), global average pooling and InnerProduct fc (10 classes)."""
+    from caffe import layers as L, params as P
+
+    x = _conv_bn(n, bottom, "conv1", "_conv1", 16, 3, stride=2, pad=1, relu=True)
+    shortcut = x
+    x = _conv_bn(n, x, "res2a_branch2a", "2a_branch2a", 16, 3, pad=1, relu=True)
+    x = _conv_bn(n, x, "res2a_branch2b", "2a_branch2b", 16, 3, pad=1)
+    n.res2a = L.Eltwise(shortcut, x)
+    n.res2a_relu = L.ReLU(n.res2a, in_place=True)
+    n.pool1 = _max_pool(n.res2a_relu, kernel_size=2, stride=2)
+    branches = [_conv_relu(n, n.pool1, "mix", "1x1", 8, 1), _conv_relu(n, n.pool1, "mix", "3x3", 16, 3, pad=1),
+                _conv_relu(n, n.pool1, "mix", "5x5", 8, 5, pad=2)]
+    n["mix/output"] = L.Concat(*branches)
+    n.pool2 = L.Pooling(n["mix/output"], pool=P.Pooling.AVE, global_pooling=True)
+    n.fc = L.InnerProduct(n.pool2, num_output=10, **_learned())
+    return n.fc
+
+
+NETS = {  # directory under prototxt/ -> (net name, body, data, auxiliary classifiers of train_val)
+    "lenet5": ("LeNet5", lenet5_body, FASHION_MNIST_DATA, None),
+    "lenet300_100": ("LeNet300_100", lenet300_100_body, FASHION_MNIST_DATA, None),
+    "alexnet": ("AlexNet", alexnet_body, ALEXNET_DATA, None),
+    "googlenet": ("GoogleNet", googlenet_body, GOOGLENET_DATA, googlenet_aux),
+    "resnet50": ("ResNet-50", resnet50_body, RESNET50_DATA, None),
 }
 
 
@@ -330,17 +372,18 @@ PROTOTXT = Path(__file__).resolve().parents[2] / "prototxt"
 
 
 def render_all() -> dict[str, str]:
-    """Every generated prototxt, as {path relative to prototxt/: text}. A directory with an
-    example_plan.yaml also gets clipq_train_val.prototxt, its train_val converted with that plan."""
+    """Every generated prototxt, as {path relative to prototxt/: text}. A directory with a
+    paper_params.yaml (the paper's (p, b)) or an example_plan.yaml also gets clipq_train_val.prototxt,
+    its train_val converted with that plan by `clipq convert`."""
     from clipq import convert, plan
 
     files = {}
-    for directory, (name, body, data) in NETS.items():
-        net = train_val(name, body, data)
+    for directory, (name, body, data, aux) in NETS.items():
+        net = train_val(name, body, data, aux)
         files[f"{directory}/train_val.prototxt"] = HEADER + str(net)
         files[f"{directory}/deploy.prototxt"] = HEADER + str(deploy(name, body, data))
-        plan_file = PROTOTXT / directory / "example_plan.yaml"
-        if plan_file.exists():
+        plans = [PROTOTXT / directory / f for f in ("paper_params.yaml", "example_plan.yaml")]
+        for plan_file in (f for f in plans if f.exists()):
             clipq_net = convert.to_clipq(net, plan.load_plan(plan_file), str(plan_file))
             files[f"{directory}/clipq_train_val.prototxt"] = HEADER + str(clipq_net)
     return files
@@ -360,3 +403,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+

@@ -65,6 +65,11 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def format_rate(rate: float) -> str:
+    """51x, 9.5x, 0.5x: whole numbers from 10 on, one decimal below (a layer can also grow)."""
+    return f"{rate:.0f}x" if rate >= 10 else f"{rate:.1f}x"
+
+
 def parse_size(text: str) -> float:
     """'140 KB' -> 140000.0 (the paper's 1000-based units)."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*(B|KB|MB|GB)\s*", str(text))
@@ -98,7 +103,7 @@ def with_paper(table: list[Row], paper_sizes: dict) -> list[Row]:
 
 def _cells(row: Row) -> list[str]:
     cells = [row.layer, "" if row.p is None else f"{row.p:.2f}", "" if row.bits is None else str(row.bits),
-             format_bytes(row.original), format_bytes(row.compressed), f"{row.rate:.0f}x"]
+             format_bytes(row.original), format_bytes(row.compressed), format_rate(row.rate)]
     if row.paper_compressed is not None:
         diff = (row.compressed - row.paper_compressed) / row.paper_compressed
         cells += [format_bytes(row.paper_compressed), f"{diff:+.0%}"]
