@@ -66,6 +66,9 @@ def _decode(args) -> int:
 def _size(args) -> int:
     from clipq import compressed_model, plan
 
+    if args.paper and not args.plan:
+        raise ClipqError("--paper compares with the paper_sizes of the --plan file "
+                         "(e.g. prototxt/alexnet/paper_params.yaml)")
     if args.input is not None:
         header, layers = compressed_model.read_file(args.input)
         extra = {"file": str(args.input), "file_bytes": args.input.stat().st_size, **header.get("meta", {})}
@@ -77,8 +80,6 @@ def _size(args) -> int:
                  f"random Gaussian (seed {args.seed})", "huffman": args.huffman, "file_bytes": len(data)}
     else:
         raise ClipqError("give a .clipq file, or --model (and --plan for a plain prototxt)")
-    if args.paper and not args.plan:
-        raise ClipqError("--paper compares with the paper_sizes of the --plan file (e.g. prototxt/alexnet/paper_params.yaml)")
     print(_size_table(layers, args.format, args.plan if args.paper else None, extra))
     if args.format != "json":
         print(f"\n.clipq file: {extra['file_bytes']:,} bytes (header included)")
@@ -149,7 +150,8 @@ def _search_arguments(p) -> None:
     p.add_argument("--lam", type=float, default=10.0, help="lambda of Eq. 1 (default 10)")
     p.add_argument("--iterations", type=int, default=50, help="evaluations per layer (default 50, as the paper)")
     p.add_argument("--initial", type=int, default=5, help="random evaluations before the GP (default 5)")
-    p.add_argument("--subset", type=int, default=5000, help="training images per evaluation (<= 100, or a multiple of 100)")
+    p.add_argument("--subset", type=int, default=5000,
+                   help="training images per evaluation (<= 100, or a multiple of 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the search")
     p.add_argument("--p-max", type=float, default=0.99, help="largest pruning rate searched (default 0.99)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: cores)")
