@@ -36,8 +36,8 @@ def quantized_layer(name: str, layer_type: str, blobs: list[np.ndarray], lp: Lay
     candidates = np.unique(sample[sample != 0])
     # An exported layer has at most 2^b - 1 levels and about round(p * n) zeros (2 for the per-sign
     # rounding); a small full-precision layer can have few distinct values but has no zeros.
-    pruned_enough = np.count_nonzero(weights == 0) >= lp.p * weights.size - 2
-    if candidates.size <= levels and pruned_enough:  # looks exported: check every weight is one of these
+    if candidates.size <= levels and np.count_nonzero(weights == 0) >= lp.p * weights.size - 2:
+        # looks exported: check that every weight is one of these levels
         codes = _kernels.codes_for_levels(weights, candidates)
         if codes is None and weights.size > SAMPLE:
             candidates = np.unique(weights[weights != 0])

@@ -109,18 +109,32 @@ def _read_stream(data: bytes, meta: dict, count: int) -> np.ndarray:
     return unpack_bits(data, meta["width"], count)
 
 
+def _float_bytes(blobs: list[np.ndarray]) -> bytes:
+    """Blobs as concatenated little-endian float32."""
+    return b"".join(np.ascontiguousarray(b, "<f4").tobytes() for b in blobs)
+
+
+def _float_blobs(data: bytes, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Inverse of `_float_bytes`; ValueError if the byte count does not fit the shapes."""
+    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+    if len(data) != 4 * sum(sizes):
+        raise ValueError(f"{len(data)} bytes for {sum(sizes)} float32 values")
+    flat = np.frombuffer(data, "<f4")
+    ends = np.cumsum(sizes)
+    return [flat[e - n:e].reshape(s).astype(np.float32) for e, n, s in zip(ends, sizes, shapes)]
+
+
 def encode_layer(layer: Layer, use_huffman: bool = False) -> tuple[dict, bytes]:
     """(header entry, payload bytes) of one layer."""
     entry = {"name": layer.name, "type": layer.type, "shapes": [list(b.shape) for b in layer.blobs]}
     if not layer.compressed:
         entry["encoding"] = "raw"
-        payload = b"".join(np.ascontiguousarray(b, "<f4").tobytes() for b in layer.blobs)
-        return entry, payload
+        return entry, _float_bytes(layer.blobs)
     k, index, code_entries = sparse_streams(layer.codes.reshape(-1), layer.bits)
     index_bytes, index_meta = _stream_bytes(index, k, use_huffman)
     code_bytes, code_meta = _stream_bytes(code_entries, layer.bits, use_huffman)
     codebook = np.ascontiguousarray(layer.codebook, "<f4").tobytes()
-    others = b"".join(np.ascontiguousarray(b, "<f4").tobytes() for b in layer.blobs[1:])
+    others = _float_bytes(layer.blobs[1:])
     entry.update(encoding="sparse", bits=layer.bits, p=layer.p, k=k, entries=int(index.size),
                  nonzero=int(np.count_nonzero(layer.codes)), index=index_meta, codes=code_meta,
                  stream_bytes=[len(index_bytes), len(code_bytes), len(codebook), len(others)])
@@ -130,14 +144,8 @@ def encode_layer(layer: Layer, use_huffman: bool = False) -> tuple[dict, bytes]:
 def decode_layer(entry: dict, payload: bytes) -> Layer:
     """Inverse of `encode_layer`; ValueError if the payload does not fit its description."""
     shapes = [tuple(s) for s in entry["shapes"]]
-    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
     if entry["encoding"] == "raw":
-        if len(payload) != 4 * sum(sizes):
-            raise ValueError(f"{len(payload)} bytes for {sum(sizes)} float32 values")
-        flat = np.frombuffer(payload, "<f4")
-        ends = np.cumsum(sizes)
-        return Layer(entry["name"], entry["type"],
-                     [flat[e - n:e].reshape(s).astype(np.float32) for e, n, s in zip(ends, sizes, shapes)])
+        return Layer(entry["name"], entry["type"], _float_blobs(payload, shapes))
     lengths = entry["stream_bytes"]
     if sum(lengths) != len(payload):
         raise ValueError(f"streams need {sum(lengths)} bytes, payload has {len(payload)}")
@@ -150,13 +158,11 @@ def decode_layer(entry: dict, payload: bytes) -> Layer:
         raise ValueError(f"code {code_entries.max()} does not fit {bits} bits")
     codebook = np.frombuffer(codebook_bytes, "<f4").astype(np.float32)
     lut = np.concatenate([np.zeros(1, np.float32), codebook, np.zeros((1 << bits) - 1 - codebook.size, np.float32)])
-    weights, codes, status = _kernels.scatter_entries(index, code_entries, lut, sizes[0])
+    size = int(np.prod(shapes[0], dtype=np.int64))
+    weights, codes, status = _kernels.scatter_entries(index, code_entries, lut, size)
     if status < 0:
-        raise ValueError(f"indices run past the {sizes[0]} weights")
-    others = np.frombuffer(other_bytes, "<f4")
-    ends = np.cumsum(sizes[1:])
-    blobs = [weights.reshape(shapes[0])] + [others[e - n:e].reshape(s).astype(np.float32)
-                                             for e, n, s in zip(ends, sizes[1:], shapes[1:])]
+        raise ValueError(f"indices run past the {size} weights")
+    blobs = [weights.reshape(shapes[0])] + _float_blobs(other_bytes, shapes[1:])
     return Layer(entry["name"], entry["type"], blobs, codes.reshape(shapes[0]), codebook, bits, entry.get("p"))
 
 
