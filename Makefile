@@ -16,11 +16,11 @@ data: install           ## Fashion-MNIST -> Caffe LMDBs in the data cache
 
 baseline: data          ## train LeNet-5 and LeNet-300-100 with `caffe train` (resumable)
 	@for net in $(NETS); do \
-	    $(CLIPQ) train --solver solvers/$${net}_solver.prototxt --output $(MODELS)/$${net}_fashion_mnist.caffemodel || exit 1; \
+	    $(CLIPQ) train --solver solvers/$${net}_solver.prototxt --output $(MODELS)/$${net}_fashion_mnist_55k.caffemodel || exit 1; \
 	done
 
 finetune: baseline       ## by hand: LeNet-5 with the example plan through `caffe train`, then `clipq export`
-	$(CLIPQ) train --solver solvers/lenet5_clipq_solver.prototxt --weights $(MODELS)/lenet5_fashion_mnist.caffemodel \
+	$(CLIPQ) train --solver solvers/lenet5_clipq_solver.prototxt --weights $(MODELS)/lenet5_fashion_mnist_55k.caffemodel \
 	    --output $(MODELS)/lenet5_clipq.caffemodel
 	$(CLIPQ) export --model prototxt/lenet5/clipq_train_val.prototxt --weights $(MODELS)/lenet5_clipq.caffemodel \
 	    --output $(MODELS)/lenet5_clipq_plain.caffemodel
@@ -34,7 +34,7 @@ COMPRESS_FLAGS := --lam $(LAMBDA) $(if $(FULL),--max-iter 10000)
 
 compress: baseline      ## clipq compress (search, fine-tune, export, encode, decode, evaluate, report) on the LeNets
 	@for net in $(COMPRESS_NETS); do \
-	    $(CLIPQ) compress --model prototxt/$$net/train_val.prototxt --weights $(MODELS)/$${net}_fashion_mnist.caffemodel \
+	    $(CLIPQ) compress --model prototxt/$$net/train_val.prototxt --weights $(MODELS)/$${net}_fashion_mnist_55k.caffemodel \
 	        --solver solvers/$${net}_clipq_solver.prototxt --out cache/compress/$$net$(if $(FULL),_full) $(COMPRESS_FLAGS) \
 	        || exit 1; \
 	done
@@ -42,7 +42,7 @@ compress: baseline      ## clipq compress (search, fine-tune, export, encode, de
 demo: compress          ## install, data, baselines, then the whole CLIP-Q pipeline on LeNet-5 (FULL=1: longer, both LeNets)
 	@echo; echo "Fashion-MNIST test top-1 of the baselines (10,000 images):"
 	@for net in $(NETS); do \
-	    $(call report,$$net,prototxt/$$net/train_val.prototxt,$(MODELS)/$${net}_fashion_mnist.caffemodel) || exit 1; \
+	    $(call report,$$net,prototxt/$$net/train_val.prototxt,$(MODELS)/$${net}_fashion_mnist_55k.caffemodel) || exit 1; \
 	done
 	@for net in $(COMPRESS_NETS); do echo "CLIP-Q report: $$(readlink -f cache/compress/$$net$(if $(FULL),_full)/report.md)"; done
 

@@ -24,15 +24,17 @@ def toy_layers_on_path(monkeypatch):
 
 @pytest.fixture(scope="session")
 def fashion_mnist_slices(tmp_path_factory):
-    """Small real Fashion-MNIST LMDBs: 'train' (first 6000), 'test' (first 1000), 'tiny' (first 64)."""
+    """Small real Fashion-MNIST LMDBs: 'train' (first 6000), 'val' (1000 of the held-out last 5000 training
+    images), 'test' (first 1000), 'tiny' (first 64)."""
     from clipq import datasets
 
     root = tmp_path_factory.mktemp("fashion_mnist")
     train = datasets.load_split(datasets.DEBIAN_SOURCE, "train")
     test = datasets.load_split(datasets.DEBIAN_SOURCE, "test")
-    for name, split, n in (("train", train, 6000), ("test", test, 1000), ("tiny", train, 64)):
-        datasets.write_lmdb(datasets.Split(split.images[:n], split.labels[:n]), root / name)
-    return {name: root / name for name in ("train", "test", "tiny")}
+    for name, split, start, n in (("train", train, 0, 6000), ("val", train, 55000, 1000), ("test", test, 0, 1000),
+                                  ("tiny", train, 0, 64)):
+        datasets.write_lmdb(datasets.Split(split.images[start:start + n], split.labels[start:start + n]), root / name)
+    return {name: root / name for name in ("train", "val", "test", "tiny")}
 
 
 def random_caffemodel(deploy, path, std: float, seed: int = 0):

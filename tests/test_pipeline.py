@@ -1,28 +1,49 @@
-"""`clipq compress` end to end on a Fashion-MNIST slice: every stage in real Caffe, resumable."""
+"""`clipq compress` end to end on a Fashion-MNIST slice: every stage in real Caffe, resumable; the
+held-out protocol and the accuracy budget's rounds (met, unreachable, resumed mid-round)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import numpy as np
+import pytest
+
 from clipq import nets, pipeline, train
+from clipq.errors import ClipqError
 from clipq.search import SearchSettings
 
 SOLVER = ('net: "{net}"\nbase_lr: {lr}\nmomentum: 0.9\nweight_decay: 0.0005\nlr_policy: "fixed"\n'
           'max_iter: {iters}\nsnapshot: 0\nsnapshot_prefix: "{prefix}"\nsolver_mode: CPU\nrandom_seed: 3\n')
+QUIET = {"log": lambda message: None}
 
 
-def test_compress_end_to_end_decoded_model_scores_like_the_clipq_net(tmp_path, fashion_mnist_slices):
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory, fashion_mnist_slices):
+    """A LeNet-300-100 trained briefly on the train slice, and a fine-tuning solver."""
+    root = tmp_path_factory.mktemp("mlp")
     data = nets.DataSpec(str(fashion_mnist_slices["train"]), str(fashion_mnist_slices["test"]), 64, 100,
                          (100, 1, 28, 28), scale=1 / 256)
-    model = tmp_path / "train_val.prototxt"
+    model = root / "train_val.prototxt"
     model.write_text(str(nets.train_val("mlp", nets.lenet300_100_body, data)))
-    (tmp_path / "base_solver.prototxt").write_text(
-        SOLVER.format(net=model, lr=0.01, iters=300, prefix=tmp_path / "base" / "mlp"))
-    weights = train.train(tmp_path / "base_solver.prototxt", progress=False)
-    (tmp_path / "finetune.prototxt").write_text(SOLVER.format(net="replaced", lr=0.001, iters=60, prefix="replaced"))
+    (root / "base_solver.prototxt").write_text(
+        SOLVER.format(net=model, lr=0.01, iters=300, prefix=root / "base" / "mlp"))
+    weights = train.train(root / "base_solver.prototxt", progress=False)
+    solver = root / "finetune.prototxt"
+    solver.write_text(SOLVER.format(net="replaced", lr=0.001, iters=40, prefix="replaced")
+                      + "test_iter: 3\ntest_interval: 1000\n")
+    return {"model": model, "weights": weights, "solver": solver, "val": fashion_mnist_slices["val"]}
 
-    config = pipeline.CompressConfig(model, weights, tmp_path / "finetune.prototxt", tmp_path / "out",
-                                     settings=SearchSettings(iterations=4, initial=3, subset=500), jobs=2,
-                                     progress=False)
-    report = pipeline.run(config, log=lambda message: None)
+
+def config(mlp, out, **kwargs) -> pipeline.CompressConfig:
+    settings = kwargs.pop("settings", SearchSettings(iterations=4, initial=3, subset=500))
+    return pipeline.CompressConfig(mlp["model"], mlp["weights"], mlp["solver"], out, settings=settings, jobs=2,
+                                   progress=False, **kwargs)
+
+
+def test_compress_end_to_end_decoded_model_scores_like_the_clipq_net(tmp_path, mlp):
+    cfg = config(mlp, tmp_path / "out")
+    report = pipeline.run(cfg, **QUIET)
 
     accuracy = report["accuracy"]
     assert accuracy["decoded"] == accuracy["clipq_net"]
@@ -30,8 +51,74 @@ def test_compress_end_to_end_decoded_model_scores_like_the_clipq_net(tmp_path, f
     assert report["size"]["clipq_file_bytes"] == (tmp_path / "out" / "model.clipq").stat().st_size
     assert [row["layer"] for row in report["layers"]] == ["ip1", "ip2", "ip3", "Overall"]
     assert len(report["plots"]) == 3
+    assert report["val_accuracy"] is None and "TRAIN LMDB" in report["data"]["search"]
     assert "| **Overall** |" in (tmp_path / "out" / "report.md").read_text()
 
     messages = []
-    pipeline.run(config, log=messages.append)
+    pipeline.run(cfg, log=messages.append)
     assert messages and all(m.endswith("up to date, skipped") for m in messages)
+
+
+def test_with_val_the_search_and_the_fine_tuning_monitor_see_only_the_validation_images(tmp_path, mlp):
+    report = pipeline.run(config(mlp, tmp_path, val=mlp["val"], plan=None), **QUIET)
+    head = json.loads((tmp_path / "search" / "ip1.jsonl").read_text().splitlines()[0])
+    assert head["data"] == str(mlp["val"].resolve())
+    assert "validation LMDB" in report["data"]["search"]
+    assert str(mlp["val"].resolve()) in (tmp_path / "clipq_val_train_val.prototxt").read_text()
+    assert 'test_iter: 10' in (tmp_path / "finetune_solver.prototxt").read_text()  # 1000 val images / batch 100
+    assert report["val_accuracy"]["images"] == 1000
+    assert report["val_accuracy"]["decoded"] == pytest.approx(np.load(tmp_path / "val_correct.npy").mean())
+
+
+def test_a_budget_that_is_met_gives_the_smallest_round_that_met_it(tmp_path, mlp):
+    report = pipeline.run(config(mlp, tmp_path, val=mlp["val"], max_drop=60.0, rounds=2), **QUIET)
+    budget = report["budget"]
+    rounds = budget["rounds"]
+    assert budget["met"] and len(rounds) == 2 and all(r["met"] for r in rounds)
+    assert rounds[1]["path_index"] > rounds[0]["path_index"]  # a met budget moves to smaller plans
+    assert rounds[1]["clipq_bytes"] < rounds[0]["clipq_bytes"]
+    assert budget["chosen"] == 2
+    assert (tmp_path / "final_model.clipq").read_bytes() == (tmp_path / "rounds" / "02" / "model.clipq").read_bytes()
+    assert report["size"]["clipq_file_bytes"] == rounds[1]["clipq_bytes"]
+    # the fine-tuning of round 2 starts from round 1's full-precision weights
+    assert "rounds/01/finetuned.caffemodel" in (tmp_path / "rounds" / "02" / "finetune.log").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "## Accuracy budget" in text and "round 2 is the smallest model" in text
+    assert (tmp_path / "plots" / "budget.png").stat().st_size > 0
+
+
+def test_an_unreachable_budget_is_reported_as_missed_and_keeps_the_smallest_drop(tmp_path, mlp):
+    # a margin of 1000 standard errors: no round can meet it
+    report = pipeline.run(config(mlp, tmp_path, val=mlp["val"], max_drop=0.01, se_margin=1000, rounds=2), **QUIET)
+    budget = report["budget"]
+    assert not budget["met"] and not any(r["met"] for r in budget["rounds"])
+    assert budget["rounds"][1]["path_index"] < budget["rounds"][0]["path_index"]  # a miss moves to larger plans
+    best = min(budget["rounds"], key=lambda r: r["val_drop"])
+    assert budget["chosen"] == best["round"]
+    assert "NO round met the budget" in (tmp_path / "report.md").read_text()
+
+
+def test_a_run_stopped_inside_a_round_resumes_there_with_the_same_result(tmp_path, mlp):
+    cfg = config(mlp, tmp_path, val=mlp["val"], max_drop=60.0, rounds=2)
+    first = pipeline.run(cfg, **QUIET)
+    # as if stopped after round 2's fine-tuning: its encode, decode and evaluation never happened
+    for name in ("model.clipq", "decoded.caffemodel", "val_correct.npy"):
+        (tmp_path / "rounds" / "02" / name).unlink()
+    shutil.rmtree(tmp_path / "rounds" / "02" / "finetune")
+    messages = []
+    again = pipeline.run(cfg, log=messages.append)
+    redone = [m for m in messages if m.endswith("...")]
+    assert redone == ["[encode] ...", "[decode] ...", "[evaluate] ..."]
+    assert again["budget"] == first["budget"]
+
+
+def test_budget_settings_are_checked_before_any_stage(tmp_path, mlp):
+    with pytest.raises(ClipqError, match="--max-drop needs --val"):
+        pipeline.run(config(mlp, tmp_path / "a", max_drop=0.5), **QUIET)
+    with pytest.raises(ClipqError, match="--search-on val needs --val"):
+        pipeline.run(config(mlp, tmp_path / "b", search_on="val"), **QUIET)
+    with pytest.raises(ClipqError, match="cannot be combined with --plan"):
+        pipeline.run(config(mlp, tmp_path / "c", val=mlp["val"], max_drop=0.5, plan=mlp["model"]), **QUIET)
+    with pytest.raises(ClipqError, match="cannot open the validation LMDB"):
+        pipeline.run(config(mlp, tmp_path / "d", val=tmp_path / "nowhere"), **QUIET)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()

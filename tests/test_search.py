@@ -55,15 +55,31 @@ def test_a_killed_search_resumes_without_repeating_logged_evaluations(tmp_path):
 
 def test_a_log_from_other_settings_is_refused(tmp_path):
     search.search_layer("toy", 0, synthetic, SearchSettings(iterations=2, initial=2), tmp_path, "model")
-    with pytest.raises(ClipqError, match="other settings or another model"):
+    with pytest.raises(ClipqError, match="other settings, another model"):
         search.search_layer("toy", 0, synthetic, SearchSettings(iterations=2, initial=2, lam=5), tmp_path, "model")
 
 
 def test_fig3_plot_is_written(tmp_path):
     history = search.search_layer("a/b", 0, synthetic, SearchSettings(iterations=3, initial=3), tmp_path, "m")
-    search.plot_layer("a/b", history, tmp_path / "plot.png")
+    search.plot_layer("a/b", history, tmp_path / "plot.png", lam=10)
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert search.layer_log(tmp_path, "a/b").name == "a__b.jsonl"
+
+
+def test_a_log_measured_on_other_data_is_refused(tmp_path):
+    settings = SearchSettings(iterations=2, initial=2)
+    search.search_layer("toy", 0, synthetic, settings, tmp_path, "model", data="/data/val_lmdb")
+    assert len(search.search_layer("toy", 0, synthetic, settings, tmp_path, "model", data="/data/val_lmdb")) == 2
+    with pytest.raises(ClipqError, match="other data"):
+        search.search_layer("toy", 0, synthetic, settings, tmp_path, "model", data="/data/train_lmdb")
+
+
+def test_a_subset_larger_than_the_lmdb_is_capped_with_a_message():
+    messages = []
+    capped = search.capped_settings(SearchSettings(subset=5000), 4321, "val_lmdb", messages.append)
+    assert capped.subset == 4300 and "4321 images" in messages[0]
+    assert search.capped_settings(SearchSettings(subset=5000), 64, "tiny", messages.append).subset == 64
+    assert search.capped_settings(SearchSettings(subset=500), 4321, "x", messages.append).subset == 500
 
 
 @pytest.fixture(scope="module")

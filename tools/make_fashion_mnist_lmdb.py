@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Convert Fashion-MNIST (Debian package dataset-fashion-mnist) into Caffe Datum LMDBs.
 
-Writes <out>/train_lmdb (60k) and <out>/test_lmdb (10k), each atomically and validated; skips a
-split whose finished LMDB is already there. Default <out>: ~/.cache/clipq/data/fashion_mnist
-(CLIPQ_CACHE moves the cache).
+Writes <out>/train_lmdb (the first 55,000 training images), <out>/val_lmdb (the last 5,000, held out
+from training for the search and the accuracy budget) and <out>/test_lmdb (the 10,000 test images, for
+final numbers only), each atomically and validated; skips a split whose finished LMDB is already there.
+Default <out>: ~/.cache/clipq/data/fashion_mnist (CLIPQ_CACHE moves the cache).
 """
 
 from __future__ import annotations
@@ -25,14 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rewrite LMDBs that already exist")
     args = parser.parse_args(argv)
     try:
-        for split in datasets.SPLITS:
-            out = args.out / f"{split}_lmdb"
-            if not args.force and args.limit is None and datasets.lmdb_count(out) == datasets.SPLITS[split][2]:
-                print(f"{out}: already made ({datasets.SPLITS[split][2]} images)")
+        for name, (_, start, end) in datasets.LMDB_SPLITS.items():
+            out = args.out / f"{name}_lmdb"
+            if not args.force and args.limit is None and datasets.lmdb_count(out) == end - start:
+                print(f"{out}: already made ({end - start} images)")
                 continue
-            data = datasets.load_split(args.source, split)
-            if args.limit is not None:
-                data = datasets.Split(data.images[:args.limit], data.labels[:args.limit])
+            data = datasets.lmdb_split(args.source, name, args.limit)
             datasets.write_lmdb(data, out)
             print(f"{out}: {len(data.labels)} images")
     except ClipqError as e:

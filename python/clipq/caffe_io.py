@@ -119,6 +119,72 @@ def evaluate(prototxt: str | os.PathLike, weights: str | os.PathLike, iterations
     return {name: total / iterations for name, total in totals.items()}
 
 
+def test_data_layer(net_param, source: str):
+    """The net's one TEST-phase Data layer (an error naming `source` if there is none)."""
+    test = caffe_pb2().Phase.Value("TEST")
+    layers = [layer for layer in net_param.layer
+              if layer.type == "Data" and any(rule.phase == test for rule in layer.include)]
+    if len(layers) != 1:
+        raise ClipqError(f"{source}: expected one TEST-phase Data layer (include {{ phase: TEST }}), "
+                         f"found {len(layers)}")
+    return layers[0]
+
+
+def lmdb_entries(path: str | os.PathLike, role: str = "LMDB") -> int:
+    """Number of entries of an LMDB; a clear error if it cannot be opened."""
+    import lmdb
+
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
+    except lmdb.Error as e:
+        raise ClipqError(f"{path}: cannot open the {role} ({e})") from None
+    entries = env.stat()["entries"]
+    env.close()
+    if not entries:
+        raise ClipqError(f"{path}: the {role} is empty")
+    return entries
+
+
+def with_test_source(net_param, lmdb_path: str | os.PathLike, source: str):
+    """A copy of a train_val NetParameter whose TEST Data layer reads `lmdb_path` (e.g. validation data)."""
+    net = caffe_pb2().NetParameter()
+    net.CopyFrom(net_param)
+    test_data_layer(net, source).data_param.source = str(Path(lmdb_path).resolve())
+    return net
+
+
+def top1_blobs(net_param, source: str) -> tuple[str, str]:
+    """(scores, labels): the bottoms of the net's top-1 Accuracy layer."""
+    for layer in net_param.layer:
+        if layer.type == "Accuracy" and layer.accuracy_param.top_k == 1 and len(layer.bottom) >= 2:
+            return layer.bottom[0], layer.bottom[1]
+    raise ClipqError(f"{source}: no top-1 Accuracy layer (bottoms: scores, labels)")
+
+
+def correct_per_image(prototxt: str | os.PathLike, weights: str | os.PathLike) -> np.ndarray:
+    """Whether each image of the TEST Data layer's LMDB is classified right (top-1), in LMDB order.
+
+    Every image counts once (the last batch's wrap-around is cut off), so two models compared on the
+    same LMDB are compared image by image.
+    """
+    for f in (prototxt, weights):
+        if not Path(f).is_file():
+            raise ClipqError(f"{f}: file not found")
+    net_param = read_net_param(prototxt)
+    data = test_data_layer(net_param, str(prototxt))
+    entries = lmdb_entries(data.data_param.source, f"LMDB of layer '{data.name}'")
+    scores, labels = top1_blobs(net_param, str(prototxt))
+    cf = caffe()
+    set_mode()
+    net = cf.Net(str(prototxt), str(weights), cf.TEST)
+    correct = []
+    for _ in range(-(-entries // data.data_param.batch_size)):
+        net.forward()
+        predicted = net.blobs[scores].data.reshape(net.blobs[scores].data.shape[0], -1).argmax(axis=1)
+        correct.append(predicted == net.blobs[labels].data.reshape(-1).astype(int))
+    return np.concatenate(correct)[:entries]
+
+
 class SingleLayerNet:
     """One Caffe layer (Convolution, InnerProduct, ...) run through its own pycaffe Net (Input -> layer).
 

@@ -108,9 +108,26 @@ def _compress(args) -> int:
     from clipq import pipeline
 
     config = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, args.plan, _settings(args),
-                                     args.jobs, args.max_iter, args.huffman, not args.no_progress)
-    pipeline.run(config, log=lambda msg: print(msg, file=sys.stderr))
+                                     args.jobs, args.max_iter, args.huffman, not args.no_progress,
+                                     **budget_options(args))
+    report = pipeline.run(config, log=lambda msg: print(msg, file=sys.stderr))
     print((args.out / "report.md").read_text())
+    return budget_exit(report, args.command)
+
+
+def budget_options(args) -> dict:
+    return {"val": args.val, "search_on": args.search_on, "max_drop": args.max_drop, "rounds": args.rounds,
+            "se_margin": args.se_margin}
+
+
+def budget_exit(report: dict, command: str) -> int:
+    """Exit 1, with a plain message, when --max-drop was asked for and no round met it."""
+    budget = report.get("budget")
+    if budget and not budget["met"]:
+        print(f"clipq {command}: no round met --max-drop {budget['max_drop']:g} on the validation data; "
+              f"the report keeps round {budget['chosen']} (smallest validation drop). Try more --rounds, a "
+              "longer fine-tuning (--max-iter) or a larger budget", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -118,10 +135,10 @@ def _reproduce(args) -> int:
     from clipq import paths, reproduce
 
     out = args.out or paths.cache_root() / "reproduce" / (args.net + ("_smoke" if args.smoke else ""))
-    reproduce.run(args.net, out, args.imagenet, args.weights, args.smoke, args.paper_plan, args.jobs,
-                  not args.no_progress, log=lambda msg: print(msg, file=sys.stderr))
+    report = reproduce.run(args.net, out, args.imagenet, args.weights, args.smoke, args.paper_plan, args.jobs,
+                           not args.no_progress, log=lambda msg: print(msg, file=sys.stderr), **budget_options(args))
     print((out / "report.md").read_text())
-    return 0
+    return budget_exit(report, args.command)
 
 
 def _train(args) -> int:
@@ -152,9 +169,31 @@ def _search_arguments(p) -> None:
     p.add_argument("--initial", type=int, default=5, help="random evaluations before the GP (default 5)")
     p.add_argument("--subset", type=int, default=5000,
                    help="training images per evaluation (<= 100, or a multiple of 100)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the search")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the subset and of the search (and, in compress, the fine-tuning's random_seed)")
     p.add_argument("--p-max", type=float, default=0.99, help="largest pruning rate searched (default 0.99)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: cores)")
+
+
+def budget_arguments(p) -> None:
+    """Held-out data and the accuracy budget, shared by `compress`, `zoo` and `reproduce`."""
+    g = p.add_argument_group("held-out data and the accuracy budget")
+    g.add_argument("--val", type=Path, metavar="LMDB",
+                   help="validation LMDB the baseline was not trained on: the search's error (see --search-on), "
+                        "the --max-drop budget and the fine-tuning's periodic test are measured on it; the "
+                        "train_val's TEST data stays for the final numbers only")
+    g.add_argument("--search-on", choices=["auto", "val", "train"], default="auto",
+                   help="images of the search's error: 'val' (the --val LMDB), 'train' (a random subset of the "
+                        "TRAIN LMDB, the paper's choice); default auto = val when --val is given")
+    g.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="the smallest model whose decoded caffemodel loses at most POINTS top-1 points on --val: "
+                        "bisects the plans the search's evaluations give at every lambda, one fine-tuning per "
+                        "round (needs --val; without it, one round at --lam)")
+    g.add_argument("--rounds", type=int, default=4, help="at most this many fine-tuning rounds for --max-drop "
+                                                         "(default 4)")
+    g.add_argument("--se-margin", type=float, default=1.0,
+                   help="a round meets --max-drop when its validation drop plus this many standard errors of that "
+                        "drop is within the budget (default 1; 0 = the drop alone)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory (logs, plan, plots)")
     p.add_argument("--layers", nargs="+", help="layers to search (default: every Convolution/InnerProduct layer)")
     _search_arguments(p)
-    p.add_argument("--data", help="training LMDB to draw the subset from (default: the TRAIN Data layer's)")
+    p.add_argument("--data", help="LMDB to draw the subset from, e.g. held-out validation images (default: the "
+                                  "TRAIN Data layer's, as the paper)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_search)
 
@@ -215,9 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "replaced) -> export -> .clipq -> decode -> top-1 of the decoded plain "
                                    "caffemodel with plain Caffe -> OUT/report.md and report.json (layerwise table, "
                                    "accuracies, sizes, stage times, search plots).",
-                       epilog="Resumable: each stage is skipped when its outputs exist and its inputs (files, "
+                       epilog="With --max-drop POINTS and --val LMDB: the smallest model within POINTS top-1 on "
+                              "the validation images. Each round fine-tunes one plan of the search's lambda path "
+                              "(warm-started from the previous round), decodes it and measures it on --val; the "
+                              "rounds bisect the path. Rounds live in OUT/rounds/NN/; the chosen one is copied to "
+                              "OUT/final_model.clipq, final_decoded.caffemodel, final_plan.yaml; report.md has "
+                              "every round and plots/budget.png. Exit 1 if no round met the budget.\n\n"
+                              "Resumable: each stage is skipped when its outputs exist and its inputs (files, "
                               "settings) did not change; the search and the fine-tuning resume inside their "
-                              "stage. Run from the directory the prototxts' relative paths refer to.")
+                              "stage. Run from the directory the prototxts' relative paths refer to.\n\n"
+                              "example (Fashion-MNIST, what `make demo` runs):\n"
+                              "  clipq compress --model prototxt/lenet5/train_val.prototxt \\\n"
+                              "      --weights cache/models/lenet5_fashion_mnist_55k.caffemodel \\\n"
+                              "      --solver solvers/lenet5_clipq_solver.prototxt --out cache/compress/lenet5 \\\n"
+                              "      --val cache/data/fashion_mnist/val_lmdb --max-drop 0.5 --lam 1000")
     p.add_argument("--model", type=Path, required=True, help="plain train_val prototxt (LMDB Data layers, Accuracy)")
     p.add_argument("--weights", type=Path, required=True, help="trained plain caffemodel")
     p.add_argument("--solver", type=Path, required=True, help="fine-tuning solver prototxt")
@@ -227,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--huffman", action="store_true", help="Huffman-code the .clipq streams")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _search_arguments(p)
+    budget_arguments(p)
     p.set_defaults(func=_compress)
 
     p = sub.add_parser("reproduce", help="the paper's AlexNet / GoogLeNet / ResNet-50 experiments (or --smoke)",
@@ -247,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper-plan", action="store_true", help="use the paper's (p, b) (Tables 1-3) instead of searching")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel search processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    budget_arguments(p)
     p.set_defaults(func=_reproduce)
 
     p = sub.add_parser("train", help="run `caffe train` resumably, with a progress bar",

@@ -17,6 +17,14 @@ SPLITS = {  # split -> (image file, label file, expected count)
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
 }
+# The LMDBs clipq makes: the validation split is the last 5,000 training images, held out from the
+# baselines and the fine-tuning; the search and the accuracy budget measure on it, and the 10,000 test
+# images are kept for the final numbers.
+LMDB_SPLITS = {  # LMDB name -> (IDX split, first image, end)
+    "train": ("train", 0, 55000),
+    "val": ("train", 55000, 60000),
+    "test": ("test", 0, 10000),
+}
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 IMAGE_SIDE, NUM_CLASSES = 28, 10
 DONE_FILE = "clipq.json"  # written last: an LMDB without it is incomplete
@@ -69,6 +77,14 @@ def load_split(source: Path, split: str, check_count: bool = True) -> Split:
     if labels.size and labels.max() >= NUM_CLASSES:
         raise ClipqError(f"{source / label_file}: label {labels.max()} outside 0..{NUM_CLASSES - 1}")
     return Split(images, labels)
+
+
+def lmdb_split(source: Path, name: str, limit: int | None = None) -> Split:
+    """The images of one of the LMDB_SPLITS (the first `limit` of them, if given)."""
+    split, start, end = LMDB_SPLITS[name]
+    data = load_split(source, split)
+    end = end if limit is None else min(end, start + limit)
+    return Split(data.images[start:end], data.labels[start:end])
 
 
 def write_lmdb(split: Split, out: Path, batch: int = 5000) -> None:

@@ -111,7 +111,7 @@ def _data_checks() -> list[Check]:
     from clipq.datasets import lmdb_count
 
     checks = []
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
         path = paths.data_dir() / "fashion_mnist" / f"{split}_lmdb"
         count = lmdb_count(path)
         # Data is made by `make data`; its absence is information, not a broken install.

@@ -17,10 +17,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from clipq import caffe_io, compressed_model, convert, search, size, train
+import numpy as np
+
+from clipq import budget, caffe_io, compressed_model, convert, search, train
+from clipq import report as reporting
 from clipq.atomic import atomic_write
 from clipq.errors import ClipqError
-from clipq.plan import load_plan
+from clipq.plan import load_plan, save_plan
+
+
+SEARCH_ON = ("auto", "val", "train")
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,42 @@ class CompressConfig:
     max_iter: int | None = None  # overrides the solver's
     huffman: bool = False
     progress: bool = True
+    val: Path | None = None   # held-out validation LMDB: the search's error, the budget, fine-tuning's monitor
+    search_on: str = "auto"   # "val" (the held-out LMDB), "train" (a training subset, the paper), auto: val if any
+    max_drop: float | None = None  # top-1 points the decoded model may lose on val (None: one round at --lam)
+    rounds: int = 4           # fine-tuning rounds of the budget's bisection
+    se_margin: float = 1.0    # a round meets the budget when val drop + se_margin * its standard error <= max_drop
+
+    @property
+    def search_data(self) -> str:
+        """Where the search measures its error: 'val' or 'train'."""
+        if self.search_on == "auto":
+            return "val" if self.val is not None else "train"
+        return self.search_on
+
+    def check(self) -> None:
+        """Refuse contradictory or missing settings before any stage runs."""
+        if self.search_on not in SEARCH_ON:
+            raise ClipqError(f"--search-on must be one of {', '.join(SEARCH_ON)}, got {self.search_on!r}")
+        if self.search_data == "val" and self.val is None:
+            raise ClipqError("--search-on val needs --val LMDB (held-out images the baseline was not trained on)")
+        if self.max_drop is not None:
+            if self.val is None:
+                raise ClipqError("--max-drop needs --val LMDB: the budget is measured on held-out images")
+            if self.plan is not None:
+                raise ClipqError("--max-drop chooses the plan from the search; it cannot be combined with --plan")
+            if not self.max_drop > 0:
+                raise ClipqError(f"--max-drop must be a positive number of top-1 points, got {self.max_drop}")
+            if self.rounds < 1:
+                raise ClipqError(f"--rounds must be at least 1, got {self.rounds}")
+            if self.se_margin < 0:
+                raise ClipqError(f"--se-margin must be >= 0, got {self.se_margin}")
+        for path, what in ((self.model, "--model"), (self.weights, "--weights"), (self.solver, "--solver"),
+                           (self.plan, "--plan")):
+            if path is not None and not Path(path).is_file():
+                raise ClipqError(f"{path}: file not found ({what})")
+        if self.val is not None:
+            caffe_io.lmdb_entries(self.val, "validation LMDB (--val)")
 
 
 def file_id(path: Path) -> str:
@@ -49,6 +91,7 @@ class Stages:
     """Runs named stages, skipping those whose recorded inputs match and whose outputs exist."""
 
     def __init__(self, out: Path):
+        out.mkdir(parents=True, exist_ok=True)
         self.path = out / "stages.json"
         self.record = json.loads(self.path.read_text()) if self.path.exists() else {}
 
@@ -78,36 +121,128 @@ def absolute_sources(net_param, base: Path) -> None:
             layer.data_param.source = str((base / layer.data_param.source).resolve())
 
 
-def finetune_solver(config: CompressConfig, net: Path, out: Path) -> Path:
-    """The user's solver pointed at the CLIP-Q net, snapshotting under out/finetune/."""
+def finetune_solver(config: CompressConfig, net: Path, work: Path, val_entries: int | None) -> Path:
+    """The user's solver pointed at the CLIP-Q net, snapshotting under work/finetune/, seeded by the
+    search's seed; with validation data, its periodic test (if any) covers the validation LMDB once."""
     param = caffe_io.read_text_proto(config.solver, "SolverParameter", "solver prototxt")
     param.net = str(net.resolve())
     param.ClearField("train_net")
-    param.snapshot_prefix = str((out / "finetune" / "clipq").resolve())
+    param.snapshot_prefix = str((work / "finetune" / "clipq").resolve())
+    param.random_seed = config.settings.seed
     if config.max_iter is not None:
         param.max_iter = config.max_iter
     if param.max_iter <= 0:
         raise ClipqError(f"{config.solver}: max_iter must be positive")
-    path = out / "finetune_solver.prototxt"
+    if val_entries is not None and len(param.test_iter):
+        batch = caffe_io.test_data_layer(caffe_io.read_net_param(net), str(net)).data_param.batch_size
+        del param.test_iter[:]
+        param.test_iter.append(-(-val_entries // batch))
+    path = work / "finetune_solver.prototxt"
     with atomic_write(path) as f:
-        f.write(f"# {config.solver} for `clipq compress` (net and snapshot_prefix replaced)\n{param}")
+        f.write(f"# {config.solver} for `clipq compress` (net, snapshot_prefix, random_seed"
+                f"{', test_iter' if val_entries and len(param.test_iter) else ''} replaced)\n{param}")
     return path
+
+
+@dataclass(frozen=True)
+class Nets:
+    """The plain train_val as the pipeline runs it: TEST on the test set, and on the validation LMDB."""
+
+    test: Path
+    val: Path | None
+
+
+def prepare_nets(config: CompressConfig) -> Nets:
+    plain = caffe_io.read_net_param(config.model)
+    absolute_sources(plain, Path.cwd())
+    test = config.out / "plain_train_val.prototxt"
+    with atomic_write(test) as f:
+        f.write(str(plain))
+    if config.val is None:
+        return Nets(test, None)
+    val = config.out / "plain_val_train_val.prototxt"
+    with atomic_write(val) as f:
+        f.write(f"# {config.model} with its TEST Data layer reading the validation LMDB {config.val}\n"
+                f"{caffe_io.with_test_source(plain, config.val, str(config.model))}")
+    return Nets(test, val)
+
+
+def score_val(prototxt: Path, weights: Path, correct_path: Path) -> dict:
+    """Top-1 on the validation LMDB; the per-image results are kept for paired drops."""
+    correct = caffe_io.correct_per_image(prototxt, weights)
+    with atomic_write(correct_path, "wb") as f:
+        np.save(f, correct)
+    return {"accuracy": float(correct.mean()), "images": int(correct.size)}
+
+
+def evaluate_baseline(config: CompressConfig, nets: Nets) -> dict:
+    scores = {"test": caffe_io.evaluate(nets.test, config.weights)}
+    if nets.val is not None:
+        scores["val"] = score_val(nets.val, config.weights, config.out / "baseline_val_correct.npy")
+    return scores
+
+
+def compress_plan(config: CompressConfig, nets: Nets, stages: Stages, plan_path: Path, init_weights: Path,
+                  log) -> dict:
+    """One plan through convert -> fine-tune (from `init_weights`) -> export -> encode -> decode ->
+    evaluate, in the directory of `stages` (resumable stage by stage); returns the scores and files."""
+    work = stages.path.parent
+    plan = load_plan(plan_path)
+    model_id = file_id(nets.test)
+    clipq_path = work / "clipq_train_val.prototxt"
+    stages.run("convert", {"model": model_id, "plan": file_id(plan_path)}, [clipq_path],
+               lambda: convert.convert_file(nets.test, plan, clipq_path), log)
+    train_net, val_entries = clipq_path, None
+    if nets.val is not None:  # fine-tuning monitors the validation images, never the test images
+        train_net = work / "clipq_val_train_val.prototxt"
+        stages.run("convert-val", {"model": file_id(nets.val), "plan": file_id(plan_path)}, [train_net],
+                   lambda: convert.convert_file(nets.val, plan, train_net), log)
+        val_entries = caffe_io.lmdb_entries(config.val)
+
+    finetuned = work / "finetuned.caffemodel"
+    solver = finetune_solver(config, train_net, work, val_entries)
+    stages.run("finetune", {"net": file_id(train_net), "solver": file_id(solver), "init": file_id(init_weights)},
+               [finetuned], lambda: str(train.train(solver, output=finetuned, weights=init_weights,
+                                                    log=work / "finetune.log", progress=config.progress)), log)
+
+    exported = work / "exported.caffemodel"
+    stages.run("export", {"net": file_id(clipq_path), "weights": file_id(finetuned)}, [exported],
+               lambda: convert.export(clipq_path, finetuned, exported), log)
+
+    packed = work / "model.clipq"
+    stages.run("encode", {"weights": file_id(exported), "plan": file_id(plan_path), "huffman": config.huffman},
+               [packed], lambda: compressed_model.encode_file(nets.test, exported, packed, plan, config.huffman),
+               log)
+
+    decoded = work / "decoded.caffemodel"
+    stages.run("decode", {"clipq": file_id(packed)}, [decoded],
+               lambda: compressed_model.decode_file(packed, decoded), log)
+
+    def evaluate():
+        # One net at a time: the rc3 fallback build cannot have two nets reading one LMDB at once.
+        scores = {"clipq_net": caffe_io.evaluate(clipq_path, finetuned),
+                  "decoded": caffe_io.evaluate(nets.test, decoded)}
+        if nets.val is not None:
+            scores["decoded_val"] = score_val(nets.val, decoded, work / "val_correct.npy")
+        return scores
+
+    outputs = [work / "val_correct.npy"] if nets.val is not None else []
+    scores = stages.run("evaluate", {"decoded": file_id(decoded), "finetuned": file_id(finetuned),
+                                     "val": str(config.val)}, outputs, evaluate, log)
+    return {"scores": scores, "plan": str(plan_path), "clipq": str(packed), "decoded": str(decoded),
+            "clipq_bytes": packed.stat().st_size, "seconds": stages.seconds()}
 
 
 def run(config: CompressConfig, log=print) -> dict:
     """Run (or resume) the pipeline; return the report (also written as report.json / report.md)."""
+    config.check()
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out)
-    cwd = Path.cwd()
-    plain = caffe_io.read_net_param(config.model)
-    absolute_sources(plain, cwd)
-    plain_path = out / "plain_train_val.prototxt"
-    with atomic_write(plain_path) as f:
-        f.write(str(plain))
-    model_in = {"model": file_id(plain_path), "weights": file_id(config.weights)}
-
-    baseline = stages.run("baseline", model_in, [], lambda: caffe_io.evaluate(plain_path, config.weights), log)
+    nets = prepare_nets(config)
+    model_in = {"model": file_id(nets.test), "weights": file_id(config.weights), "val": str(config.val)}
+    baseline = stages.run("baseline", model_in, [out / "baseline_val_correct.npy"] if nets.val else [],
+                          lambda: evaluate_baseline(config, nets), log)
 
     plan_path = out / "plan.yaml"
 
@@ -115,101 +250,91 @@ def run(config: CompressConfig, log=print) -> dict:
         with atomic_write(plan_path) as f:
             f.write(Path(config.plan).read_text())
 
+    search_data = str(config.val) if config.search_data == "val" else None
+
     def search_plan():
-        search.run(plain_path, config.weights, out, None, config.settings, config.jobs, progress=config.progress)
+        search.run(nets.test, config.weights, out, None, config.settings, config.jobs, search_data,
+                   progress=config.progress, log=log)
 
     if config.plan is not None:
         stages.run("search", {"plan": file_id(config.plan)}, [plan_path], copy_plan, log)
     else:
-        stages.run("search", {**model_in, "settings": asdict(config.settings)}, [plan_path], search_plan, log)
-    plan = load_plan(plan_path)
+        stages.run("search", {**model_in, "settings": asdict(config.settings), "on": config.search_data},
+                   [plan_path], search_plan, log)
 
-    clipq_path = out / "clipq_train_val.prototxt"
-    stages.run("convert", {"model": model_in["model"], "plan": file_id(plan_path)}, [clipq_path],
-               lambda: convert.convert_file(plain_path, plan, clipq_path), log)
-
-    finetuned = out / "finetuned.caffemodel"
-    solver = finetune_solver(config, clipq_path, out)
-    stages.run("finetune", {"net": file_id(clipq_path), "solver": file_id(solver), **model_in}, [finetuned],
-               lambda: str(train.train(solver, output=finetuned, weights=config.weights,
-                                       log=out / "finetune.log", progress=config.progress)), log)
-
-    exported = out / "exported.caffemodel"
-    stages.run("export", {"net": file_id(clipq_path), "weights": file_id(finetuned)}, [exported],
-               lambda: convert.export(clipq_path, finetuned, exported), log)
-
-    packed = out / "model.clipq"
-
-    def encode():
-        compressed_model.encode_file(plain_path, exported, packed, plan, config.huffman)
-
-    stages.run("encode", {"weights": file_id(exported), "plan": file_id(plan_path), "huffman": config.huffman},
-               [packed], encode, log)
-
-    decoded = out / "decoded.caffemodel"
-
-    def decode():
-        compressed_model.decode_file(packed, decoded)
-
-    stages.run("decode", {"clipq": file_id(packed)}, [decoded], decode, log)
-
-    def evaluate():
-        # One net at a time: the rc3 fallback build cannot have two nets reading one LMDB at once.
-        return {"clipq_net": caffe_io.evaluate(clipq_path, finetuned),
-                "decoded": caffe_io.evaluate(plain_path, decoded)}
-
-    scores = stages.run("evaluate", {"decoded": file_id(decoded), "finetuned": file_id(finetuned)}, [],
-                        evaluate, log)
-
-    report = make_report(config, baseline, scores, packed, plan_path, stages.seconds())
+    if config.max_drop is None:
+        result = compress_plan(config, nets, stages, plan_path, config.weights, log)
+        rounds = None
+    else:
+        rounds = budget_rounds(config, nets, baseline, log)
+        result = adopt(config, rounds, log)
+    report = reporting.make_report(config, baseline, result, rounds, stages.seconds())
     with atomic_write(out / "report.json") as f:
         json.dump(report, f, indent=2)
     with atomic_write(out / "report.md") as f:
-        f.write(report_markdown(report, packed))
+        f.write(reporting.report_markdown(report))
     return report
 
 
-def make_report(config: CompressConfig, baseline: dict, scores: dict, packed: Path, plan_path: Path,
-                seconds: dict) -> dict:
-    header, layers = compressed_model.read_file(packed)
-    total = size.overall(layers)
-    original = total.original
-    return {
-        "model": str(config.model), "weights": str(config.weights), "solver": str(config.solver),
-        "plan": str(plan_path), "searched": config.plan is None, "settings": asdict(config.settings),
-        "accuracy": {"baseline": baseline.get("accuracy"), "clipq_net": scores["clipq_net"].get("accuracy"),
-                     "decoded": scores["decoded"].get("accuracy")},
-        "top5": {"baseline": baseline.get("accuracy_top5"), "decoded": scores["decoded"].get("accuracy_top5")},
-        "size": {"float32_bytes": original, "clipq_file_bytes": packed.stat().st_size,
-                 "rate": original / packed.stat().st_size, "huffman": header["huffman"]},
-        "layers": [asdict(r) | {"rate": r.rate} for r in size.rows(layers) + [total]],
-        "seconds": seconds,
-        "plots": sorted(str(p) for p in (config.out / "plots").glob("*.png")),
-    }
+# --- the accuracy budget -------------------------------------------------------------------------
+
+def budget_rounds(config: CompressConfig, nets: Nets, baseline: dict, log) -> list[dict]:
+    """Bisect the search's Lagrangian path (budget.py): each round fine-tunes one plan, warm-started from
+    the previous round's full-precision weights, and measures its decoded model on the validation LMDB."""
+    layers = list(load_plan(config.out / "plan.yaml"))
+    path = budget.lagrangian_path(search.read_histories(config.out, layers))
+    baseline_correct = np.load(config.out / "baseline_val_correct.npy")
+    results: dict[int, bool] = {}
+    rounds: list[dict] = []
+    init = Path(config.weights)
+    for number in range(1, config.rounds + 1):
+        index = budget.next_index(len(path), results)
+        if index is None:
+            break
+        entry = path[index]
+        work = config.out / "rounds" / f"{number:02d}"
+        plan_path = work / "plan.yaml"
+        save_plan(entry.plan, plan_path, extra={"path_index": index, "path_length": len(path),
+                                                "lambda": [entry.lam_low, entry.lam_high]})
+        log(f"[round {number}/{config.rounds}] plan {index + 1} of {len(path)} on the search's lambda path "
+            f"(lambda {entry.lam_low:.4g}..{entry.lam_high:.4g}), fine-tuning from {init.name}")
+        result = compress_plan(config, nets, Stages(work), plan_path, init, log)
+        drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
+        met = budget.meets(drop, config.max_drop, config.se_margin)
+        results[index] = met
+        test_drop = 100 * (baseline["test"]["accuracy"] - result["scores"]["decoded"]["accuracy"])
+        rounds.append({**result, "round": number, "path_index": index, "path_length": len(path),
+                       "lambda": [entry.lam_low, entry.lam_high], "layers": {
+                           name: {"p": round(lp.p, 4), "b": lp.bits} for name, lp in entry.plan.items()},
+                       "val_drop": drop.points, "val_drop_se": drop.se, "test_drop": test_drop, "met": met})
+        log(f"[round {number}] {result['clipq_bytes']:,} bytes, validation drop {drop.points:+.2f} "
+            f"(+- {drop.se:.2f}) points: {'meets' if met else 'misses'} the budget of {config.max_drop:g}")
+        init = work / "finetuned.caffemodel"
+    return rounds
 
 
-def report_markdown(report: dict, packed: Path) -> str:
-    acc = report["accuracy"]
-    drop = 100 * (acc["baseline"] - acc["decoded"])
-    rows = [size.Row(**{k: v for k, v in r.items() if k != "rate"}) for r in report["layers"]]
-    lines = [
-        f"# CLIP-Q compression report: {Path(report['model']).name}",
-        "",
-        f"- weights: `{report['weights']}`; plan: `{report['plan']}` ({'searched' if report['searched'] else 'given'})",
-        f"- top-1 (test set): baseline **{acc['baseline']:.4f}**, CLIP-Q net **{acc['clipq_net']:.4f}**, "
-        f"decoded plain caffemodel **{acc['decoded']:.4f}** (drop {drop:+.2f} points)",
-        *([f"- top-5: baseline **{report['top5']['baseline']:.4f}**, decoded **{report['top5']['decoded']:.4f}**"]
-          if report["top5"]["baseline"] is not None else []),
-        f"- size: float32 weights {size.format_bytes(report['size']['float32_bytes'])} -> "
-        f"`{packed.name}` {report['size']['clipq_file_bytes']:,} bytes (**{report['size']['rate']:.1f}x**)",
-        "",
-        size.render(rows, "md"),
-        "",
-        "| stage | seconds |",
-        "|---|---|",
-        *[f"| {name} | {sec} |" for name, sec in report["seconds"].items()],
-        "",
-        *[f"![{Path(p).stem}]({Path(p).relative_to(packed.parent)})" for p in report["plots"]],
-        "",
-    ]
-    return "\n".join(lines)
+def chosen_round(rounds: list[dict]) -> dict:
+    """The smallest round that met the budget; if none did, the one with the smallest validation drop."""
+    met = [r for r in rounds if r["met"]]
+    if met:
+        return min(met, key=lambda r: (r["clipq_bytes"], r["round"]))
+    return min(rounds, key=lambda r: (r["val_drop"], r["round"]))
+
+
+def adopt(config: CompressConfig, rounds: list[dict], log) -> dict:
+    """Copy the chosen round's plan, .clipq and decoded caffemodel to OUT/final_*; return its result."""
+    chosen = chosen_round(rounds)
+    for name in ("plan.yaml", "model.clipq", "decoded.caffemodel"):
+        source = Path(chosen["plan"]).parent / name
+        with atomic_write(config.out / f"final_{name}", "wb") as f:
+            f.write(source.read_bytes())
+    if not chosen["met"]:
+        log(f"[budget] NO round met the budget of {config.max_drop:g} points on the validation data; "
+            f"kept round {chosen['round']}, the smallest validation drop ({chosen['val_drop']:+.2f} points)")
+    else:
+        log(f"[budget] round {chosen['round']} is the smallest model within {config.max_drop:g} points: "
+            f"{config.out / 'final_model.clipq'}")
+    return {**chosen, "clipq": str(config.out / "final_model.clipq"),
+            "decoded": str(config.out / "final_decoded.caffemodel"), "plan": str(config.out / "final_plan.yaml")}
+
+

@@ -98,8 +98,11 @@ def solver_for(solver: Path, out: Path, smoke: bool) -> Path:
 
 
 def run(net: str, out: Path, imagenet: Path | None = None, weights: Path | None = None, smoke: bool = False,
-        paper_plan: bool = False, jobs: int = 1, progress: bool = True, log=print) -> dict:
-    """Reproduce one of the paper's nets (or its smoke run); returns the `clipq compress` report."""
+        paper_plan: bool = False, jobs: int = 1, progress: bool = True, log=print, **budget) -> dict:
+    """Reproduce one of the paper's nets (or its smoke run); returns the `clipq compress` report.
+
+    `budget`: the held-out options of `CompressConfig` (val, search_on, max_drop, rounds, se_margin).
+    The paper searched on a training subset, which stays the default without `val`."""
     train_val, deploy, params, solver = paper_files(net)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,5 +118,6 @@ def run(net: str, out: Path, imagenet: Path | None = None, weights: Path | None 
     model = train_val_for(train_val, Path(imagenet), out, SMOKE["batch"] if smoke else None)
     config = pipeline.CompressConfig(model, Path(weights), solver_for(solver, out, smoke), out,
                                      plan=params if paper_plan else None, settings=settings, jobs=jobs,
-                                     max_iter=SMOKE["iterations"] if smoke else None, progress=progress)
+                                     max_iter=SMOKE["iterations"] if smoke else None, progress=progress,
+                                     **budget)
     return pipeline.run(config, log)

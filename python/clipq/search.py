@@ -19,12 +19,14 @@ search like Fig. 3.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -103,17 +105,19 @@ def layer_log(out: Path, layer: str) -> Path:
     return out / "search" / (layer.replace("/", "__") + ".jsonl")
 
 
-def read_log(path: Path, layer: str, settings: SearchSettings, model_id: str) -> list[Evaluation]:
-    """Evaluations logged so far (none if no log); refuse a log made with other settings or weights."""
+def read_log(path: Path, layer: str, settings: SearchSettings, model_id: str, data: str = "") -> list[Evaluation]:
+    """Evaluations logged so far (none if no log); refuse a log made with other settings, weights or data."""
     if not path.exists():
         return []
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     head = lines[0] if lines else {}
     logged = {k: v for k, v in head.get("settings", {}).items() if k != "iterations"}
     mine = {k: v for k, v in asdict(settings).items() if k != "iterations"}
-    if logged != mine or head.get("layer") != layer or head.get("model") != model_id:
-        raise ClipqError(f"{path}: this search log was made with other settings or another model "
-                         f"({head.get('settings')}, model {head.get('model')}); use another --out, or delete it")
+    if logged != mine or head.get("layer") != layer or head.get("model") != model_id \
+            or head.get("data", "") != data:
+        raise ClipqError(f"{path}: this search log was made with other settings, another model or other data "
+                         f"({head.get('settings')}, model {head.get('model')}, data {head.get('data')}); "
+                         "use another --out, or delete it")
     return [Evaluation(**entry) for entry in lines[1:]]
 
 
@@ -127,12 +131,13 @@ def append_log(path: Path, entry: dict) -> None:
 
 
 def search_layer(layer: str, layer_index: int, evaluate: Callable[[str, float, int], tuple[float, float]],
-                 settings: SearchSettings, out: Path, model_id: str) -> list[Evaluation]:
-    """Run (or resume) one layer's search to `settings.iterations` evaluations."""
+                 settings: SearchSettings, out: Path, model_id: str, data: str = "") -> list[Evaluation]:
+    """Run (or resume) one layer's search to `settings.iterations` evaluations; `data` names the
+    images the error is measured on (recorded in the log's header)."""
     path = layer_log(out, layer)
-    history = read_log(path, layer, settings, model_id)
+    history = read_log(path, layer, settings, model_id, data)
     if not path.exists():
-        append_log(path, {"layer": layer, "model": model_id, "settings": asdict(settings)})
+        append_log(path, {"layer": layer, "model": model_id, "settings": asdict(settings), "data": data})
     while len(history) < settings.iterations:
         start = time.perf_counter()
         p, b_raw = suggest(history, settings, layer_index)
@@ -150,19 +155,30 @@ def best(history: list[Evaluation]) -> Evaluation:
     return min(history, key=lambda e: (e.objective, e.iteration))
 
 
-def plot_layer(layer: str, history: list[Evaluation], path: Path) -> None:
-    """Fig. 3 of the paper for one layer: p chosen, b before rounding, best objective so far."""
+def plot_layer(layer: str, history: list[Evaluation], path: Path, lam: float) -> None:
+    """Fig. 3 of the paper for one layer: p, b before rounding and the objective per iteration, the
+    chosen evaluation marked."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     it = [e.iteration + 1 for e in history]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
-    axes[0].plot(it, [e.p for e in history], ".-")
-    axes[0].set(title=f"{layer}: p", xlabel="iteration", ylim=(0, 1))
-    axes[1].plot(it, [e.b_raw for e in history], ".-")
-    axes[1].set(title="b before rounding", xlabel="iteration", ylim=B_DOMAIN)
-    axes[2].plot(it, np.minimum.accumulate([e.objective for e in history]), "-")
-    axes[2].set(title="best objective so far", xlabel="iteration")
+    chosen = best(history)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    panels = [([e.p for e in history], "pruning rate p", (0, 1), chosen.p),
+              ([e.b_raw for e in history], "b before rounding", B_DOMAIN, chosen.b_raw),
+              ([e.objective for e in history], f"error % - {lam:g} x c", None, chosen.objective)]
+    for ax, (values, label, ylim, mark) in zip(axes, panels):
+        ax.plot(it, values, ".-", color="tab:blue", lw=0.8, label="evaluated")
+        ax.plot([chosen.iteration + 1], [mark], "*", color="tab:red", ms=12, label="chosen")
+        ax.set(xlabel="iteration", ylabel=label, ylim=ylim)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[2].plot(it, np.minimum.accumulate([e.objective for e in history]), "-", color="tab:orange",
+                 label="best so far")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"{layer}: chosen p = {chosen.p:.3f}, b = {chosen.bits} (iteration {chosen.iteration + 1}; "
+                 f"error {chosen.error:.2f} %, c = {chosen.benefit:.4f})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as f:
@@ -180,6 +196,8 @@ class SearchJob:
     out: str
     settings: SearchSettings
     model_id: str
+    data: str  # the LMDB the subset is drawn from
+    all_layers: tuple[str, ...]  # every compressible layer of the net, in order
 
 
 def _worker(job: SearchJob, layers: list[tuple[int, str]]) -> None:
@@ -187,13 +205,11 @@ def _worker(job: SearchJob, layers: list[tuple[int, str]]) -> None:
 
     evaluate = SubsetEvaluator(job.eval_prototxt, job.weights, job.accuracy_blob, job.settings.subset)
     for index, layer in layers:
-        search_layer(layer, index, evaluate, job.settings, Path(job.out), job.model_id)
+        search_layer(layer, index, evaluate, job.settings, Path(job.out), job.model_id, job.data)
 
 
 def model_id(weights: str | os.PathLike) -> str:
     """Identifies the weights a log belongs to: name, size, and a hash of the first and last MB."""
-    import hashlib
-
     path = Path(weights)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -204,9 +220,42 @@ def model_id(weights: str | os.PathLike) -> str:
 
 
 def run(model, weights, out, layers: list[str] | None = None, settings: SearchSettings = SearchSettings(),
-        jobs: int = 1, data: str | None = None, progress: bool = True) -> dict[str, LayerPlan]:
+        jobs: int = 1, data: str | None = None, progress: bool = True,
+        log: Callable[[str], None] = lambda message: print(message, file=sys.stderr)) -> dict[str, LayerPlan]:
     """`clipq search`: search every (or the given) Convolution / InnerProduct layer; write plan.yaml and
-    the plots under `out`; return the plan."""
+    the plots under `out`; return the plan.
+
+    The error is measured on a random subset of `data` (an LMDB: held-out validation images), or of the
+    net's TRAIN-phase LMDB when `data` is None (the paper's choice). A subset larger than the LMDB is
+    capped to it (with a message).
+    """
+    job, layers = prepare(model, weights, out, layers, settings, data, log)
+    _run_workers(job, [(job_layer_index(job, name), name) for name in layers], jobs, progress)
+    histories = load_histories(job, layers)
+    plan = {name: LayerPlan(best(h).p, best(h).bits) for name, h in histories.items()}
+    for name, history in histories.items():
+        plot_layer(name, history, Path(out) / "plots" / (name.replace("/", "__") + ".png"), job.settings.lam)
+    save_plan(plan, Path(out) / "plan.yaml", extra={"lambda": job.settings.lam, "data": job.data, "searched": {
+        name: {"objective": round(best(h).objective, 4), "error": round(best(h).error, 3),
+               "benefit": round(best(h).benefit, 6)} for name, h in histories.items()}})
+    return plan
+
+
+def capped_settings(settings: SearchSettings, entries: int, source: str,
+                    log: Callable[[str], None]) -> SearchSettings:
+    """The settings with the subset capped to the LMDB's `entries` (a multiple of the eval batch)."""
+    from clipq import subset_eval
+
+    if settings.subset <= entries:
+        return settings
+    capped = entries if entries <= subset_eval.EVAL_BATCH else entries - entries % subset_eval.EVAL_BATCH
+    log(f"[search] {source} has {entries} images, fewer than --subset {settings.subset}: using {capped}")
+    return replace(settings, subset=capped)
+
+
+def prepare(model, weights, out, layers: list[str] | None, settings: SearchSettings, data: str | None,
+            log: Callable[[str], None]) -> tuple[SearchJob, list[str]]:
+    """Check the layers, write the subset LMDB and the search net; the job every worker runs."""
     from clipq import caffe_io, subset_eval
     from clipq.convert import compressible_layers
 
@@ -221,25 +270,39 @@ def run(model, weights, out, layers: list[str] | None = None, settings: SearchSe
     if settings.subset <= 0 or settings.subset % subset_eval.eval_batch(settings.subset):
         raise ClipqError(f"--subset must be at most {subset_eval.EVAL_BATCH} or a multiple of it, "
                          f"got {settings.subset}")
-    subset = out / f"subset_{settings.subset}_seed{settings.seed}_lmdb"
+    source = str(Path(data or subset_eval.training_source(net, str(model))).resolve())
+    settings = capped_settings(settings, caffe_io.lmdb_entries(source, "search's LMDB"), source, log)
+    tag = hashlib.sha256(source.encode()).hexdigest()[:8]
+    subset = out / f"subset_{tag}_{settings.subset}_seed{settings.seed}_lmdb"
     if not subset.exists():
-        subset_eval.write_subset(data or subset_eval.training_source(net, str(model)), settings.subset,
-                                 settings.seed, subset)
+        subset_eval.write_subset(source, settings.subset, settings.seed, subset)
     eval_net, accuracy_blob = subset_eval.eval_net_param(net, subset.resolve(), settings.subset, str(model))
     eval_prototxt = out / "search_net.prototxt"
     with atomic_write(eval_prototxt) as f:
         f.write(str(eval_net))
-    job = SearchJob(str(eval_prototxt), str(weights), accuracy_blob, str(out), settings, model_id(weights))
-    indexed = [(names.index(name), name) for name in layers]
-    _run_workers(job, indexed, jobs, progress)
-    histories = {name: read_log(layer_log(out, name), name, settings, job.model_id) for name in layers}
-    plan = {name: LayerPlan(best(h).p, best(h).bits) for name, h in histories.items()}
-    for name, history in histories.items():
-        plot_layer(name, history, out / "plots" / (name.replace("/", "__") + ".png"))
-    save_plan(plan, out / "plan.yaml", extra={"lambda": settings.lam, "searched": {
-        name: {"objective": round(best(h).objective, 4), "error": round(best(h).error, 3),
-               "benefit": round(best(h).benefit, 6)} for name, h in histories.items()}})
-    return plan
+    job = SearchJob(str(eval_prototxt), str(weights), accuracy_blob, str(out), settings, model_id(weights), source,
+                    tuple(names))
+    return job, layers
+
+
+def job_layer_index(job: SearchJob, name: str) -> int:
+    """A layer's position in the net: seeds its search, so a layer searched alone gets the same points."""
+    return job.all_layers.index(name)
+
+
+def read_histories(out: Path, layers: list[str]) -> dict[str, list[Evaluation]]:
+    """The logged evaluations of finished layer searches under `out` (logs checked when they were made)."""
+    histories = {}
+    for name in layers:
+        lines = [line for line in layer_log(Path(out), name).read_text().splitlines() if line.strip()]
+        histories[name] = [Evaluation(**json.loads(line)) for line in lines[1:]]
+    return histories
+
+
+def load_histories(job: SearchJob, layers: list[str]) -> dict[str, list[Evaluation]]:
+    """Every layer's logged evaluations (checked against the job's settings, weights and data)."""
+    return {name: read_log(layer_log(Path(job.out), name), name, job.settings, job.model_id, job.data)
+            for name in layers}
 
 
 def _logged(job: SearchJob, layers: list[tuple[int, str]]) -> int:

@@ -59,6 +59,11 @@ class ZooConfig:
     seed: int = 0                  # seed of the random inputs
     huffman: bool = False
     progress: bool = True
+    val: Path | None = None        # held-out LMDB: the search's error and the --max-drop budget
+    search_on: str = "auto"
+    max_drop: float | None = None  # with --search and --solver: the smallest model within this top-1 drop on val
+    rounds: int = 4
+    se_margin: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,9 @@ def check_config(config: ZooConfig) -> None:
                          "for the search's subset, TEST Accuracy), layer names as in the deploy")
     if config.solver is not None and config.train_val is None:
         raise ClipqError("--solver needs --train-val: the train_val prototxt the solver fine-tunes")
+    if config.max_drop is not None and not (config.search and config.solver is not None):
+        raise ClipqError("--max-drop needs --search and --solver (each round fine-tunes a searched plan) "
+                         "and --val (the held-out images it is measured on)")
     if config.batch < 1:
         raise ClipqError(f"--batch must be at least 1, got {config.batch}")
     for path in (config.model, config.weights, config.plan, config.train_val, config.solver, config.inputs):
@@ -240,10 +248,12 @@ def make_plan(config: ZooConfig, deploy: Path, weights: Path, train_val: Path | 
     elif config.p is not None:
         plan, source = uniform_plan(deploy_param, config.p, config.bits), f"uniform p={config.p:g}, b={config.bits}"
     else:
-        log(f"[search] CLIP-Q Bayesian search on {config.train_val} ...")
+        on_val = config.val is not None and config.search_on != "train"
+        log(f"[search] CLIP-Q Bayesian search on {config.val if on_val else config.train_val} ...")
         plan = search.run(train_val, weights, config.out / "search", None, config.settings, config.jobs,
-                          progress=config.progress)
-        source = f"searched (lambda {config.settings.lam:g}, {config.settings.iterations} iterations per layer)"
+                          str(config.val) if on_val else None, progress=config.progress, log=log)
+        source = (f"searched (lambda {config.settings.lam:g}, {config.settings.iterations} iterations per layer, "
+                  f"error on {'the validation LMDB' if on_val else 'a training subset'})")
     check_plan(deploy_param, plan, str(config.model))
     if not plan:
         raise ClipqError(f"{config.model}: the plan compresses no layer (no Convolution / InnerProduct layers?)")
@@ -273,11 +283,13 @@ def compress_with_solver(config: ZooConfig, deploy: Path, train_val: Path, weigh
     pipeline_config = pipeline.CompressConfig(train_val, weights, config.solver, config.out / "compress",
                                               plan=plan_path, settings=config.settings, jobs=config.jobs,
                                               max_iter=config.max_iter, huffman=config.huffman,
-                                              progress=config.progress)
+                                              progress=config.progress, val=config.val,
+                                              search_on=config.search_on, max_drop=config.max_drop,
+                                              rounds=config.rounds, se_margin=config.se_margin)
     report = pipeline.run(pipeline_config, log=log)
-    packed = config.out / "compress" / "model.clipq"
+    packed = Path(report["clipq"])
     compressed_model.check_against(compressed_model.read_file(packed)[1], deploy, str(packed))
-    return packed, config.out / "compress" / "decoded.caffemodel", report
+    return packed, Path(report["decoded"]), report
 
 
 # --- 4. compare ---------------------------------------------------------------------------------------
@@ -392,17 +404,25 @@ def run(config: ZooConfig, log=print) -> dict:
     files = prepare(config)
     if any(files["upgraded"].values()):
         log(f"[prepare] upgraded to the current Caffe format under {config.out / UPGRADED}")
-    plan, plan_source = make_plan(config, files["deploy"], files["weights"], files["train_val"], log)
     plan_path = config.out / "plan.yaml"
-    save_plan(plan, plan_path, extra={"source": plan_source})
     finetune = None
-    if config.solver is None:
-        log("[compress] pruning-quantizing the trained weights (no fine-tuning) ...")
-        packed, decoded = compress_without_finetuning(files["deploy"], files["weights"], plan, config.out,
-                                                      config.huffman)
-    else:
+    if config.max_drop is not None:  # the pipeline searches, then chooses the plan round by round
         packed, decoded, finetune = compress_with_solver(config, files["deploy"], files["train_val"], files["weights"],
-                                                         plan_path, log)
+                                                         None, log)
+        plan_source = (f"searched, then the smallest of {len(finetune['budget']['rounds'])} fine-tuned rounds "
+                       f"within --max-drop {config.max_drop:g} on {config.val}"
+                       + ("" if finetune["budget"]["met"] else " (NOT met: the smallest drop kept)"))
+        save_plan(load_plan(finetune["plan"]), plan_path, extra={"source": plan_source})
+    else:
+        plan, plan_source = make_plan(config, files["deploy"], files["weights"], files["train_val"], log)
+        save_plan(plan, plan_path, extra={"source": plan_source})
+        if config.solver is None:
+            log("[compress] pruning-quantizing the trained weights (no fine-tuning) ...")
+            packed, decoded = compress_without_finetuning(files["deploy"], files["weights"], plan, config.out,
+                                                          config.huffman)
+        else:
+            packed, decoded, finetune = compress_with_solver(config, files["deploy"], files["train_val"],
+                                                             files["weights"], plan_path, log)
     log("[compare] original vs decoded caffemodel ...")
     compared = comparison(config, files["deploy"], files["weights"], decoded, files["shapes"])
     report = make_report(config, files, plan_path, plan_source, packed, decoded, compared, finetune)
@@ -428,6 +448,7 @@ def make_report(config: ZooConfig, files: dict, plan_path: Path, plan_source: st
         "plan": {"file": str(plan_path), "source": plan_source},
         "finetuned": finetune is not None, "solver": str(config.solver) if config.solver else None,
         "finetune_accuracy": finetune["accuracy"] if finetune else None,
+        "budget": finetune["budget"] if finetune else None,
         "size": {"caffemodel_bytes": Path(config.weights).stat().st_size, "float32_bytes": total.original,
                  "clipq_file_bytes": clipq_bytes, "rate": total.original / clipq_bytes, "huffman": header["huffman"]},
         "comparison": compared,
@@ -551,6 +572,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compare.add_argument("--batch", type=int, default=16,
                          help="inputs per forward pass; without --inputs, the number of random inputs (default 16)")
     compare.add_argument("--seed", type=int, default=0, help="seed of the random inputs and of the search")
+    from clipq.cli import budget_arguments
+
+    budget_arguments(parser)
     parser.add_argument("--huffman", action="store_true", help="Huffman-code the .clipq streams")
     parser.add_argument("--format", choices=["text", "md", "json"], default="text", help="what to print")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -561,7 +585,8 @@ def config_from_args(args: argparse.Namespace) -> ZooConfig:
     return ZooConfig(args.model, args.weights, args.out, plan=args.plan, p=args.p, bits=args.b, search=args.search,
                      train_val=args.train_val, solver=args.solver, settings=settings, jobs=args.jobs,
                      max_iter=args.max_iter, inputs=args.inputs, batch=args.batch, seed=args.seed,
-                     huffman=args.huffman, progress=not args.no_progress)
+                     huffman=args.huffman, progress=not args.no_progress, val=args.val, search_on=args.search_on,
+                     max_drop=args.max_drop, rounds=args.rounds, se_margin=args.se_margin)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -573,4 +598,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     report = run(config, log=lambda message: print(message, file=sys.stderr))
     render = {"json": lambda r: json.dumps(r, indent=2), "md": report_markdown, "text": report_text}[args.format]
     print(render(report))
-    return 0
+    from clipq.cli import budget_exit
+
+    return budget_exit(report, "zoo")

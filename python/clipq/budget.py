@@ -1,0 +1,124 @@
+"""The accuracy budget (`--max-drop`): the smallest plan whose decoded model stays within a top-1 drop.
+
+The search's objective eps(theta) - lambda * c_i(theta) is the Lagrangian of "minimise the size subject
+to a bound on the summed search error": lambda is the multiplier. Each evaluation the search logged is an
+(error, benefit) point whatever lambda the search ran with, so every lambda picks, per layer, the logged
+point with the lowest objective. As lambda grows from 0 the picks only move to larger benefits, so the
+distinct plans form a path ordered from the largest model to the smallest (`lagrangian_path`).
+
+The budget is then a bisection over that path (`next_index`): a round fine-tunes one plan in Caffe,
+decodes it and measures its top-1 drop on held-out validation data; a plan that meets the budget moves
+the search towards smaller plans, one that misses it towards larger ones. A round meets the budget when
+its validation drop plus `se_margin` standard errors of that drop (paired over the same images,
+`paired_drop`) is at most the budget, so that the result also holds on data it was not chosen on.
+Pure numpy: no Caffe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipq.plan import LayerPlan
+from clipq.search import Evaluation
+
+
+@dataclass(frozen=True)
+class PathPlan:
+    """One plan of the path: the chosen evaluation per layer and the lambda interval that picks it."""
+
+    index: int
+    lam_low: float
+    lam_high: float  # math.inf for the last plan
+    picks: dict[str, Evaluation]
+
+    @property
+    def plan(self) -> dict[str, LayerPlan]:
+        return {name: LayerPlan(e.p, e.bits) for name, e in self.picks.items()}
+
+    @property
+    def benefit(self) -> float:
+        """The share of the net's float32 bits the plan saves, by the search's (exact) size accounting."""
+        return sum(e.benefit for e in self.picks.values())
+
+
+def _picks(errors: np.ndarray, benefits: np.ndarray, lams: np.ndarray) -> np.ndarray:
+    """Index of the lowest objective for every lambda (the first among equals, as `search.best`)."""
+    return np.argmin(errors[None, :] - lams[:, None] * benefits[None, :], axis=1)
+
+
+def _transitions(errors: np.ndarray, benefits: np.ndarray) -> np.ndarray:
+    """Every lambda > 0 at which two points of a layer have equal objectives."""
+    de = errors[:, None] - errors[None, :]
+    db = benefits[:, None] - benefits[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lam = de / db
+    return lam[(db > 0) & (lam > 0) & np.isfinite(lam)]
+
+
+def lagrangian_path(histories: dict[str, list[Evaluation]]) -> list[PathPlan]:
+    """The distinct plans picked as lambda goes from 0 to infinity, largest model first."""
+    arrays = {name: (np.array([e.error for e in h]), np.array([e.benefit for e in h]))
+              for name, h in histories.items()}
+    cuts = np.unique(np.concatenate([_transitions(*a) for a in arrays.values()] + [np.zeros(0)]))
+    bounds = np.concatenate([[0.0], cuts, [math.inf]])
+    # One lambda inside every interval between consecutive transitions (picks are constant there).
+    probes = np.where(np.isinf(bounds[1:]), 2 * bounds[:-1] + 1, (bounds[:-1] + bounds[1:]) / 2)
+    choice = np.stack([_picks(*arrays[name], probes) for name in histories], axis=1)
+    path: list[PathPlan] = []
+    for row, low, high in zip(choice, bounds[:-1], bounds[1:]):
+        picks = {name: histories[name][i] for name, i in zip(histories, row)}
+        if path and all(path[-1].picks[n] is picks[n] for n in histories):
+            path[-1] = PathPlan(path[-1].index, path[-1].lam_low, float(high), path[-1].picks)
+        else:
+            path.append(PathPlan(len(path), float(low), float(high), picks))
+    return path
+
+
+def index_for_lambda(path: list[PathPlan], lam: float) -> int:
+    """The path's plan that `lam` picks."""
+    return next(p.index for p in path if p.lam_low <= lam < p.lam_high)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Top-1 drop of a model against the baseline on the same images, in points, with its standard error."""
+
+    points: float
+    se: float
+
+    def upper(self, se_margin: float) -> float:
+        return self.points + se_margin * self.se
+
+
+def paired_drop(baseline_correct: np.ndarray, model_correct: np.ndarray) -> Drop:
+    """Baseline top-1 minus the model's, in points, and the standard error of that paired difference."""
+    base = np.asarray(baseline_correct, dtype=float)
+    model = np.asarray(model_correct, dtype=float)
+    if base.shape != model.shape or base.size == 0:
+        raise ValueError(f"per-image results differ in shape: {base.shape} vs {model.shape}")
+    diff = base - model
+    se = diff.std(ddof=1) / math.sqrt(diff.size) if diff.size > 1 else 0.0
+    return Drop(100.0 * float(diff.mean()), 100.0 * float(se))
+
+
+def meets(drop: Drop, max_drop: float, se_margin: float) -> bool:
+    return drop.upper(se_margin) <= max_drop
+
+
+def next_index(path_length: int, results: dict[int, bool], start: int | None = None) -> int | None:
+    """The next path index to try given {index: met the budget}, or None when bisection is done.
+
+    Bisects between the smallest model known to meet the budget and the largest smaller one known to
+    miss it (measured results need not be monotone: the bracket is taken above the best success).
+    """
+    met = [i for i, ok in results.items() if ok]
+    low = max(met, default=-1)
+    high = min((i for i, ok in results.items() if not ok and i > low), default=path_length)
+    if high - low <= 1:
+        return None
+    if not results and start is not None:
+        return start
+    return (low + high) // 2

@@ -1,0 +1,93 @@
+"""The accuracy budget's pure parts: the Lagrangian path of logged evaluations, the bisection over it,
+and the paired drop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from clipq import budget, search
+from clipq.search import Evaluation
+
+
+def history(seed: int, n: int = 40) -> list[Evaluation]:
+    """Evaluations shaped like a real layer's: error rises with p and with fewer bits, benefit too."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        p, bits = float(rng.uniform(0, 0.99)), int(rng.integers(1, 9))
+        benefit = 0.5 * p + 0.02 * (8 - bits)
+        error = 10 + 30 * p ** 4 + 0.2 * (8 - bits) ** 2 + float(rng.normal(0, 0.2))
+        out.append(Evaluation(i, p, float(bits), bits, error, benefit, error - 10 * benefit, 0.1))
+    return out
+
+
+HISTORIES = {"conv1": history(0), "ip1": history(1), "ip2": history(2)}
+
+
+def test_path_goes_from_the_largest_to_the_smallest_model():
+    path = budget.lagrangian_path(HISTORIES)
+    benefits = [entry.benefit for entry in path]
+    assert len(path) > 5
+    assert all(a < b for a, b in zip(benefits, benefits[1:]))
+    assert path[0].lam_low == 0 and path[-1].lam_high == math.inf
+    assert all(a.lam_high == b.lam_low for a, b in zip(path, path[1:]))
+    assert [entry.index for entry in path] == list(range(len(path)))
+
+
+@pytest.mark.parametrize("lam", [0.5, 3.0, 10.0, 42.0, 250.0, 1e5])
+def test_every_lambda_picks_what_the_search_would_pick_at_that_lambda(lam):
+    path = budget.lagrangian_path(HISTORIES)
+    entry = path[budget.index_for_lambda(path, lam)]
+    for name, h in HISTORIES.items():
+        rescored = [Evaluation(**{**e.__dict__, "objective": search.objective(e.error, e.benefit, lam)}) for e in h]
+        assert entry.picks[name].iteration == search.best(rescored).iteration
+
+
+def test_a_single_point_per_layer_is_a_path_of_one_plan():
+    path = budget.lagrangian_path({name: h[:1] for name, h in HISTORIES.items()})
+    assert len(path) == 1 and path[0].plan["ip1"].p == HISTORIES["ip1"][0].p
+
+
+def bisect(length: int, meets, rounds: int, start: int | None = None) -> list[int]:
+    results, tried = {}, []
+    for _ in range(rounds):
+        index = budget.next_index(length, results, start)
+        if index is None:
+            break
+        tried.append(index)
+        results[index] = meets(index)
+    return tried
+
+
+def test_bisection_finds_the_boundary_when_every_model_up_to_it_meets_the_budget():
+    tried = bisect(40, lambda i: i <= 26, rounds=10)
+    assert max(i for i in tried if i <= 26) == 26 and 27 in tried
+    assert len(tried) <= math.ceil(math.log2(41)) + 1
+
+
+def test_bisection_stops_at_the_largest_model_when_nothing_meets_the_budget():
+    tried = bisect(16, lambda i: False, rounds=10)
+    assert tried == [7, 3, 1, 0]
+
+
+def test_bisection_with_few_rounds_keeps_a_bracket_and_an_explicit_start():
+    assert bisect(40, lambda i: True, rounds=2, start=30) == [30, 35]
+    assert budget.next_index(10, {3: True, 4: False}) is None
+    # not monotone: a success above a failure moves the bracket above the success
+    assert budget.next_index(20, {5: False, 10: True}) == 15
+
+
+def test_paired_drop_and_its_standard_error():
+    base = np.array([1, 1, 1, 1, 0, 0, 1, 1, 1, 1], bool)
+    model = np.array([1, 0, 1, 1, 0, 1, 1, 0, 1, 1], bool)
+    drop = budget.paired_drop(base, model)
+    diff = base.astype(float) - model
+    assert drop.points == pytest.approx(10.0)
+    assert drop.se == pytest.approx(100 * diff.std(ddof=1) / math.sqrt(10))
+    assert budget.meets(drop, 10.0, 0) and not budget.meets(drop, 10.0, 1)
+    assert budget.paired_drop(base, base).se == 0
+    with pytest.raises(ValueError, match="differ in shape"):
+        budget.paired_drop(base, model[:5])
