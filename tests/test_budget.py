@@ -51,10 +51,10 @@ def test_a_single_point_per_layer_is_a_path_of_one_plan():
     assert len(path) == 1 and path[0].plan["ip1"].p == HISTORIES["ip1"][0].p
 
 
-def bisect(length: int, meets, rounds: int, start: int | None = None) -> list[int]:
+def bisect(sizes: list[float], meets, rounds: int) -> list[int]:
     results, tried = {}, []
     for _ in range(rounds):
-        index = budget.next_index(length, results, start)
+        index = budget.next_index(sizes, results)
         if index is None:
             break
         tried.append(index)
@@ -62,22 +62,31 @@ def bisect(length: int, meets, rounds: int, start: int | None = None) -> list[in
     return tried
 
 
+GEOMETRIC = list(np.geomspace(1.0, 0.001, 40))  # sizes falling evenly in log scale
+
+
 def test_bisection_finds_the_boundary_when_every_model_up_to_it_meets_the_budget():
-    tried = bisect(40, lambda i: i <= 26, rounds=10)
+    tried = bisect(GEOMETRIC, lambda i: i <= 26, rounds=10)
     assert max(i for i in tried if i <= 26) == 26 and 27 in tried
     assert len(tried) <= math.ceil(math.log2(41)) + 1
 
 
 def test_bisection_stops_at_the_largest_model_when_nothing_meets_the_budget():
-    tried = bisect(16, lambda i: False, rounds=10)
-    assert tried == [7, 3, 1, 0]
+    tried = bisect(GEOMETRIC[:16], lambda i: False, rounds=10)
+    assert tried[0] == 7 and tried[-1] == 0 and len(tried) <= 5
 
 
-def test_bisection_with_few_rounds_keeps_a_bracket_and_an_explicit_start():
-    assert bisect(40, lambda i: True, rounds=2, start=30) == [30, 35]
-    assert budget.next_index(10, {3: True, 4: False}) is None
-    # not monotone: a success above a failure moves the bracket above the success
-    assert budget.next_index(20, {5: False, 10: True}) == 15
+def test_bisection_halves_the_log_size_range_not_the_plan_count():
+    # 10 plans from 20% to 1% of the size, then 30 plans crowded between 1% and 0.9%
+    sizes = list(np.geomspace(0.2, 0.01, 10)) + list(np.linspace(0.0099, 0.009, 30))
+    first = budget.next_index(sizes, {})
+    assert first == 5  # sqrt(0.2 * 0.009) = 4.2%, not plan 20 of 40
+    assert budget.next_index(sizes, {first: False}) == 2
+
+
+def test_a_bracket_is_kept_when_results_are_not_monotone():
+    assert budget.next_index(GEOMETRIC[:10], {3: True, 4: False}) is None
+    assert budget.next_index(GEOMETRIC[:20], {5: False, 10: True}) in (14, 15)
 
 
 def test_paired_drop_and_its_standard_error():

@@ -122,3 +122,37 @@ def test_budget_settings_are_checked_before_any_stage(tmp_path, mlp):
     with pytest.raises(ClipqError, match="cannot open the validation LMDB"):
         pipeline.run(config(mlp, tmp_path / "d", val=tmp_path / "nowhere"), **QUIET)
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+def test_an_overfit_baseline_searched_on_held_out_data_keeps_its_budget_on_the_test_set(tmp_path):
+    """LeNet-5 trained on 2,000 images to ~zero training loss: on training images every (p, b) looks free,
+    so the paper's training-subset error cannot steer; held-out search with --max-drop 1 must hold on test."""
+    from clipq import caffe_io, datasets
+
+    train_split = datasets.load_split(datasets.DEBIAN_SOURCE, "train")
+    test_split = datasets.load_split(datasets.DEBIAN_SOURCE, "test")
+    for name, split, start, n in (("train", train_split, 0, 2000), ("val", train_split, 55000, 2000),
+                                  ("test", test_split, 0, 10000)):
+        datasets.write_lmdb(datasets.Split(split.images[start:start + n], split.labels[start:start + n]),
+                            tmp_path / name)
+    data = nets.DataSpec(str(tmp_path / "train"), str(tmp_path / "test"), 64, 100, (100, 1, 28, 28), scale=1 / 256)
+    model = tmp_path / "train_val.prototxt"
+    model.write_text(str(nets.train_val("lenet5", nets.lenet5_body, data)))
+    (tmp_path / "base.prototxt").write_text(
+        SOLVER.format(net=model, lr=0.01, iters=2000, prefix=tmp_path / "b" / "l") + "display: 500\n")
+    weights = train.train(tmp_path / "base.prototxt", progress=False)
+    log = (tmp_path / "b" / "l.log").read_text().splitlines()
+    final_loss = float([line for line in log if "Iteration 2000" in line and "loss = " in line][0].split("= ")[-1])
+    assert final_loss < 0.02  # over-fit: the training images are learned by heart
+    solver = tmp_path / "finetune.prototxt"
+    solver.write_text(SOLVER.format(net="replaced", lr=0.001, iters=300, prefix="replaced"))
+
+    cfg = pipeline.CompressConfig(model, weights, solver, tmp_path / "out", jobs=2, progress=False,
+                                  settings=SearchSettings(lam=1000, iterations=12, initial=5, subset=2000),
+                                  val=tmp_path / "val", max_drop=1.0, rounds=3)
+    report = pipeline.run(cfg, **QUIET)
+    assert report["budget"]["met"]
+    assert 100 * (report["accuracy"]["baseline"] - report["accuracy"]["decoded"]) <= 1.0
+    assert report["size"]["rate"] > 5
+    assert caffe_io.lmdb_entries(tmp_path / "test") == 10000

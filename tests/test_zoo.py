@@ -137,6 +137,24 @@ def test_search_without_train_val_is_refused(mini, tmp_path):
         zoo.run(config(mini, tmp_path / "out", search=True), log=lambda m: None)
 
 
+def test_max_drop_without_search_and_solver_is_refused(mini, tmp_path):
+    with pytest.raises(ClipqError, match="--max-drop needs --search and --solver"):
+        zoo.run(config(mini, tmp_path / "out", p=0.5, bits=4, max_drop=1.0), log=lambda m: None)
+
+
+def test_max_drop_fine_tunes_searched_rounds_and_reports_the_chosen_one(mini, fashion_mnist_slices, tmp_path):
+    solver = tmp_path / "finetune.prototxt"
+    solver.write_text(SOLVER.format(net="replaced", lr=0.002, iters=30, prefix="replaced"))
+    settings = SearchSettings(iterations=3, initial=3, subset=300)
+    report = zoo.run(config(mini, tmp_path / "out", search=True, train_val=mini["train_val"], solver=solver,
+                            settings=settings, val=fashion_mnist_slices["val"], max_drop=50.0, rounds=2),
+                     log=lambda m: None)
+    assert report["budget"]["met"] and len(report["budget"]["rounds"]) == 2
+    assert "within --max-drop 50" in report["plan"]["source"]
+    assert report["files"]["clipq"] == str(tmp_path / "out" / "compress" / "final_model.clipq")
+    assert (tmp_path / "out" / "plan.yaml").read_text().count("{p:") == len(LAYERS)
+
+
 def test_p_without_b_is_refused(mini, tmp_path):
     with pytest.raises(ClipqError, match="--p and --b go together"):
         zoo.run(config(mini, tmp_path / "out", p=0.5), log=lambda m: None)

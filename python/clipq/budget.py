@@ -6,9 +6,9 @@ to a bound on the summed search error": lambda is the multiplier. Each evaluatio
 point with the lowest objective. As lambda grows from 0 the picks only move to larger benefits, so the
 distinct plans form a path ordered from the largest model to the smallest (`lagrangian_path`).
 
-The budget is then a bisection over that path (`next_index`): a round fine-tunes one plan in Caffe,
-decodes it and measures its top-1 drop on held-out validation data; a plan that meets the budget moves
-the search towards smaller plans, one that misses it towards larger ones. A round meets the budget when
+The budget is then a bisection over that path in log size (`next_index`): a round fine-tunes one plan
+in Caffe, decodes it and measures its top-1 drop on held-out validation data; a plan that meets the
+budget moves the bisection towards smaller plans, one that misses it towards larger ones. A round meets the budget when
 its validation drop plus `se_margin` standard errors of that drop (paired over the same images,
 `paired_drop`) is at most the budget, so that the result also holds on data it was not chosen on.
 Pure numpy: no Caffe.
@@ -108,17 +108,28 @@ def meets(drop: Drop, max_drop: float, se_margin: float) -> bool:
     return drop.upper(se_margin) <= max_drop
 
 
-def next_index(path_length: int, results: dict[int, bool], start: int | None = None) -> int | None:
-    """The next path index to try given {index: met the budget}, or None when bisection is done.
+def relative_sizes(path: list[PathPlan]) -> list[float]:
+    """Each plan's size as a share of the float32 net, by the search's (exact) size accounting."""
+    return [max(1.0 - entry.benefit, 1e-12) for entry in path]
 
-    Bisects between the smallest model known to meet the budget and the largest smaller one known to
-    miss it (measured results need not be monotone: the bracket is taken above the best success).
+
+def next_index(sizes: list[float], results: dict[int, bool]) -> int | None:
+    """The next path index to try given the plans' sizes (decreasing) and {index: met the budget}, or
+    None when the bisection is done.
+
+    The bracket lies between the smallest model known to meet the budget and the largest smaller one known
+    to miss it (measured results need not be monotone: the bracket is taken above the best success); the
+    next plan is the one nearest the bracket's geometric middle in size, so that every round halves the
+    log-size range whatever the path's density (its small end holds many plans of nearly equal size).
     """
     met = [i for i, ok in results.items() if ok]
     low = max(met, default=-1)
-    high = min((i for i, ok in results.items() if not ok and i > low), default=path_length)
-    if high - low <= 1:
+    high = min((i for i, ok in results.items() if not ok and i > low), default=len(sizes))
+    candidates = range(low + 1, high)
+    if not candidates:
         return None
-    if not results and start is not None:
-        return start
-    return (low + high) // 2
+    log_size = np.log(sizes)
+    large = log_size[low] if low >= 0 else log_size[candidates[0]]
+    small = log_size[high] if high < len(sizes) else log_size[candidates[-1]]
+    middle = (large + small) / 2
+    return min(candidates, key=lambda i: (abs(log_size[i] - middle), i))

@@ -131,6 +131,13 @@ def budget_exit(report: dict, command: str) -> int:
     return 0
 
 
+def _summary(args) -> int:
+    from clipq import summary
+
+    print(summary.table(summary.load_reports(args.runs)))
+    return 0
+
+
 def _reproduce(args) -> int:
     from clipq import paths, reproduce
 
@@ -280,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     _search_arguments(p)
     budget_arguments(p)
     p.set_defaults(func=_compress)
+
+    p = sub.add_parser("summary", help="several compress runs (e.g. seeds) as one table: mean (min .. max)",
+                       description="Read OUT/report.json of each `clipq compress` run and print, per net, the mean "
+                                   "and the min-max over the runs of top-1, test and validation drops, .clipq bytes, "
+                                   "rate, and how many runs met their --max-drop (Markdown).",
+                       epilog="example: clipq summary cache/results/lenet5_seed*  (what `make results` prints)")
+    p.add_argument("runs", type=Path, nargs="+", help="`clipq compress` --out directories")
+    p.set_defaults(func=_summary)
 
     p = sub.add_parser("reproduce", help="the paper's AlexNet / GoogLeNet / ResNet-50 experiments (or --smoke)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,6 +145,18 @@ def finetune_solver(config: CompressConfig, net: Path, work: Path, val_entries: 
     return path
 
 
+def keep_snapshots_of(directory: Path, inputs: dict) -> None:
+    """Empty a fine-tuning's snapshot directory unless its snapshots were made with these inputs: a rerun
+    resumes its own interrupted training, never one of another plan or solver."""
+    key = json.dumps(inputs, sort_keys=True)
+    stamp = directory / "inputs.json"
+    if directory.exists() and (not stamp.exists() or stamp.read_text() != key):
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_write(stamp) as f:
+        f.write(key)
+
+
 @dataclass(frozen=True)
 class Nets:
     """The plain train_val as the pipeline runs it: TEST on the test set, and on the validation LMDB."""
@@ -201,9 +214,14 @@ def compress_plan(config: CompressConfig, nets: Nets, stages: Stages, plan_path:
 
     finetuned = work / "finetuned.caffemodel"
     solver = finetune_solver(config, train_net, work, val_entries)
-    stages.run("finetune", {"net": file_id(train_net), "solver": file_id(solver), "init": file_id(init_weights)},
-               [finetuned], lambda: str(train.train(solver, output=finetuned, weights=init_weights,
-                                                    log=work / "finetune.log", progress=config.progress)), log)
+    finetune_in = {"net": file_id(train_net), "solver": file_id(solver), "init": file_id(init_weights)}
+
+    def finetune():
+        keep_snapshots_of(work / "finetune", finetune_in)
+        return str(train.train(solver, output=finetuned, weights=init_weights, log=work / "finetune.log",
+                               progress=config.progress))
+
+    stages.run("finetune", finetune_in, [finetuned], finetune, log)
 
     exported = work / "exported.caffemodel"
     stages.run("export", {"net": file_id(clipq_path), "weights": file_id(finetuned)}, [exported],
@@ -283,12 +301,13 @@ def budget_rounds(config: CompressConfig, nets: Nets, baseline: dict, log) -> li
     the previous round's full-precision weights, and measures its decoded model on the validation LMDB."""
     layers = list(load_plan(config.out / "plan.yaml"))
     path = budget.lagrangian_path(search.read_histories(config.out, layers))
+    sizes = budget.relative_sizes(path)
     baseline_correct = np.load(config.out / "baseline_val_correct.npy")
     results: dict[int, bool] = {}
     rounds: list[dict] = []
     init = Path(config.weights)
     for number in range(1, config.rounds + 1):
-        index = budget.next_index(len(path), results)
+        index = budget.next_index(sizes, results)
         if index is None:
             break
         entry = path[index]
@@ -297,7 +316,8 @@ def budget_rounds(config: CompressConfig, nets: Nets, baseline: dict, log) -> li
         save_plan(entry.plan, plan_path, extra={"path_index": index, "path_length": len(path),
                                                 "lambda": [entry.lam_low, entry.lam_high]})
         log(f"[round {number}/{config.rounds}] plan {index + 1} of {len(path)} on the search's lambda path "
-            f"(lambda {entry.lam_low:.4g}..{entry.lam_high:.4g}), fine-tuning from {init.name}")
+            f"(lambda {entry.lam_low:.4g}..{entry.lam_high:.4g}, {100 * sizes[index]:.2f}% of the float32 size), "
+            f"fine-tuning from {init.name}")
         result = compress_plan(config, nets, Stages(work), plan_path, init, log)
         drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
         met = budget.meets(drop, config.max_drop, config.se_margin)

@@ -1,0 +1,68 @@
+"""`clipq summary`: several `clipq compress` runs (e.g. seeds) of the same nets as one table, mean and
+min-max, so that a result is reported with its spread rather than as one run."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from clipq.errors import ClipqError
+
+
+def load_reports(directories: list[Path]) -> list[dict]:
+    """The report.json of each `clipq compress` output directory."""
+    reports = []
+    for directory in directories:
+        path = Path(directory) / "report.json"
+        try:
+            reports.append(json.loads(path.read_text()) | {"out": str(directory)})
+        except OSError as e:
+            raise ClipqError(f"{path}: cannot read ({e.strerror}); is {directory} a finished `clipq compress` --out?") \
+                from None
+        except json.JSONDecodeError as e:
+            raise ClipqError(f"{path}: not JSON ({e})") from None
+    return reports
+
+
+def run_facts(report: dict) -> dict:
+    """The numbers of one run that the table aggregates."""
+    acc = report["accuracy"]
+    budget = report.get("budget")
+    return {
+        "rate": report["size"]["rate"], "bytes": report["size"]["clipq_file_bytes"],
+        "baseline": 100 * acc["baseline"], "decoded": 100 * acc["decoded"],
+        "test_drop": 100 * (acc["baseline"] - acc["decoded"]),
+        "val_drop": (100 * (report["val_accuracy"]["baseline"] - report["val_accuracy"]["decoded"])
+                     if report.get("val_accuracy") else None),
+        "met": budget["met"] if budget else None, "rounds": len(budget["rounds"]) if budget else None,
+        "max_drop": budget["max_drop"] if budget else None, "seed": report["settings"]["seed"],
+    }
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    a = np.asarray(values, dtype=float)
+    return f"{fmt.format(a.mean())} ({fmt.format(a.min())} .. {fmt.format(a.max())})"
+
+
+def table(reports: list[dict]) -> str:
+    """Markdown: one row per net (the train_val's name), mean (min .. max) over its runs."""
+    by_net: dict[str, list[dict]] = defaultdict(list)
+    for report in reports:
+        by_net[report["model"]].append(run_facts(report))
+    head = ["| net | runs (seeds) | baseline top-1 % | decoded top-1 % | test drop (points) | val drop (points) | "
+            "`.clipq` bytes | rate | budget met |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for model, runs in by_net.items():
+        val = [r["val_drop"] for r in runs if r["val_drop"] is not None]
+        met = [r["met"] for r in runs if r["met"] is not None]
+        budget = f"{sum(met)}/{len(met)} (<= {runs[0]['max_drop']:g})" if met else "no budget"
+        rows.append(
+            f"| {Path(model).parent.name or Path(model).name} | {len(runs)} ({', '.join(str(r['seed']) for r in runs)}) "
+            f"| {_spread([r['baseline'] for r in runs], '{:.2f}')} | {_spread([r['decoded'] for r in runs], '{:.2f}')} "
+            f"| {_spread([r['test_drop'] for r in runs], '{:+.2f}')} "
+            f"| {_spread(val, '{:+.2f}') if val else 'n/a'} | {_spread([r['bytes'] for r in runs], '{:,.0f}')} "
+            f"| {_spread([r['rate'] for r in runs], '{:.1f}x')} | {budget} |")
+    return "\n".join(head + rows)
