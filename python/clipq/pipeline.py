@@ -6,6 +6,11 @@ export -> encode (.clipq) -> decode -> evaluate the decoded plain caffemodel wit
 Every stage records in `<out>/stages.json` a hash of its inputs (files and settings) and how long it
 took; a stage whose outputs exist and whose inputs did not change is skipped, so rerunning the command
 continues where it stopped (the search and the fine-tuning also resume inside their stage).
+
+With a validation LMDB (`val`) the search, the budget and the fine-tuning's monitor see only held-out
+images; the train_val's TEST data gives the final numbers. With `max_drop`, the convert .. evaluate
+stages run once per round under `<out>/rounds/NN/`, the rounds bisecting the search's Lagrangian path
+(`budget.py`) until the smallest plan within the budget is found or the rounds are spent.
 """
 
 from __future__ import annotations
@@ -317,7 +322,7 @@ def budget_rounds(config: CompressConfig, nets: Nets, baseline: dict, log) -> li
                                                 "lambda": [entry.lam_low, entry.lam_high]})
         log(f"[round {number}/{config.rounds}] plan {index + 1} of {len(path)} on the search's lambda path "
             f"(lambda {entry.lam_low:.4g}..{entry.lam_high:.4g}, {100 * sizes[index]:.2f}% of the float32 size), "
-            f"fine-tuning from {init.name}")
+            f"fine-tuning from {init if number == 1 else init.relative_to(config.out)}")
         result = compress_plan(config, nets, Stages(work), plan_path, init, log)
         drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
         met = budget.meets(drop, config.max_drop, config.se_margin)
