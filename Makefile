@@ -27,7 +27,7 @@ finetune: baseline       ## by hand: LeNet-5 with the example plan through `caff
 
 # `clipq compress` settings of the demo: the smallest LeNet-5 whose decoded model loses at most
 # MAX_DROP top-1 points on the held-out validation images (val_lmdb, the last 5,000 training images),
-# in at most 4 fine-tuning rounds of the solver's 3,000 iterations; the search (50 evaluations per
+# in at most 5 fine-tuning rounds of the solver's 3,000 iterations; the search (50 evaluations per
 # layer) measures its error on the same held-out images, lambda 1000 steering where it samples.
 # FULL=1: LeNet-300-100 too.
 LAMBDA ?= 1000

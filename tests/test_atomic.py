@@ -1,10 +1,14 @@
-"""Outputs are all-or-nothing: a failure leaves the previous file or directory as it was."""
+"""Outputs are all-or-nothing: a failure leaves the previous file or directory as it was; a killed
+writer's temporaries are recognised; outputs get the umask's modes."""
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
-from clipq.atomic import atomic_dir, atomic_write
+from clipq.atomic import atomic_dir, atomic_write, remove_stale_temporaries
 
 
 def test_atomic_write_replaces_the_file_on_success(tmp_path):
@@ -47,3 +51,35 @@ def test_atomic_dir_replaces_the_directory_on_success(tmp_path):
         (tmp / "a").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["a"]
     assert [p.name for p in tmp_path.iterdir()] == ["db"]
+
+
+@pytest.fixture
+def umask_027():
+    previous = os.umask(0o027)
+    yield
+    os.umask(previous)
+
+
+def test_atomic_write_gives_the_file_the_umask_mode_not_0600(tmp_path, umask_027):
+    with atomic_write(tmp_path / "out.txt") as f:
+        f.write("x")
+    assert stat.S_IMODE((tmp_path / "out.txt").stat().st_mode) == 0o640
+
+
+def test_atomic_dir_gives_the_directory_the_umask_mode(tmp_path, umask_027):
+    with atomic_dir(tmp_path / "db") as tmp:
+        (tmp / "a").write_text("x")
+    assert stat.S_IMODE((tmp_path / "db").stat().st_mode) == 0o750
+
+
+def test_stale_temporaries_are_removed_and_other_files_kept(tmp_path):
+    (tmp_path / "search").mkdir()
+    for name in (".stages.json.k2x_9abc.tmp", "search/.ip1.jsonl.a1b2c3d4.tmp", ".db.old-4242"):
+        (tmp_path / name).write_text("half")
+    (tmp_path / ".subset_lmdb.zz99zz99.tmp").mkdir()
+    for name in ("stages.json", ".hidden", "notes.tmp", "search/.x.tmp"):
+        (tmp_path / name).write_text("keep")
+    removed = remove_stale_temporaries(tmp_path)
+    assert len(removed) == 4
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        ".hidden", "notes.tmp", "search", "search/.x.tmp", "stages.json"]

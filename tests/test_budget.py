@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from clipq import budget, search
+from clipq.plan import LayerPlan
 from clipq.search import Evaluation
 
 
@@ -100,3 +101,26 @@ def test_paired_drop_and_its_standard_error():
     assert budget.paired_drop(base, base).se == 0
     with pytest.raises(ValueError, match="differ in shape"):
         budget.paired_drop(base, model[:5])
+
+
+def candidate(ip1: tuple[float, int], size: float) -> budget.Candidate:
+    return budget.Candidate({"conv1": LayerPlan(0.1, 4), "ip1": LayerPlan(*ip1)}, size, "test")
+
+
+def test_the_plan_between_two_neighbours_interpolates_only_the_layers_that_differ():
+    middle = budget.interpolate(candidate((0.952, 6), 0.0226), candidate((0.987, 3), 0.009))
+    assert middle.plan["conv1"] == LayerPlan(0.1, 4)
+    assert middle.plan["ip1"] == LayerPlan(round(1 - math.sqrt(0.048 * 0.013), 4), 5)
+    assert middle.size == pytest.approx(math.sqrt(0.0226 * 0.009))
+    assert budget.interpolate(candidate((0.5, 3), 0.1), candidate((0.5, 3), 0.1)) is None
+
+
+def test_a_wide_gap_in_a_closed_bracket_is_filled_by_the_plan_between():
+    candidates = [candidate((0.8, 6), 0.08), candidate((0.952, 6), 0.0226), candidate((0.987, 3), 0.009)]
+    met = {candidates[0].key: True, candidates[1].key: True, candidates[2].key: False}
+    assert budget.next_candidate(candidates, met) == 2
+    assert len(candidates) == 4 and 0.009 < candidates[2].size < 0.0226
+    met[candidates[2].key] = False
+    assert budget.next_candidate(candidates, met) == 2  # again between 1 and the new miss
+    close = [candidate((0.95, 6), 0.0226), candidate((0.96, 6), 0.020)]
+    assert budget.next_candidate(close, {close[0].key: True, close[1].key: False}) is None  # < 1.25x apart

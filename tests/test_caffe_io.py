@@ -53,5 +53,12 @@ def test_evaluate_names_a_missing_weights_file(small_test_set):
 def test_bad_prototxt_names_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.prototxt"
     bad.write_text('name: "x"\nlayer { name: "a" typo: 3 }\n')
-    with pytest.raises(ClipqError, match=r"bad.prototxt: not a valid Caffe net prototxt: 2:"):
+    with pytest.raises(ClipqError, match=r"bad.prototxt:2:\d+: not a valid Caffe net prototxt: .*\"typo\""):
         caffe_io.read_net_param(bad)
+
+
+def test_binary_prototxt_is_refused_without_quoting_its_bytes(tmp_path):
+    binary = tmp_path / "weights.prototxt"
+    binary.write_bytes(b"\x08\x96\x01\xff\x00")
+    with pytest.raises(ClipqError, match="weights.prototxt: not a valid Caffe net prototxt: binary data"):
+        caffe_io.read_net_param(binary)

@@ -69,6 +69,16 @@ def test_decoding_for_another_net_names_the_layer(lenet5, tmp_path, repo):
     assert not (tmp_path / "d.caffemodel").exists()
 
 
+def test_a_damaged_clipq_is_refused_and_nothing_is_written(lenet5, tmp_path):
+    _, clipq_proto, weights = lenet5
+    compressed_model.encode_file(clipq_proto, weights, tmp_path / "m.clipq")
+    with open(tmp_path / "m.clipq", "ab") as f:
+        f.write(b"\0" * 16)
+    with pytest.raises(ClipqError, match="m.clipq: 16 bytes after the last layer"):
+        compressed_model.decode_file(tmp_path / "m.clipq", tmp_path / "d.caffemodel")
+    assert not (tmp_path / "d.caffemodel").exists()
+
+
 def test_plan_must_name_conv_or_fc_layers_of_the_net(lenet5, tmp_path):
     deploy, _, weights = lenet5
     with pytest.raises(ClipqError, match="layer 'pool1' is a Pooling layer"):

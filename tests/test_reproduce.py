@@ -56,3 +56,4 @@ def test_smoke_run_goes_through_every_stage(net, tmp_path):
     assert report["accuracy"]["decoded"] == report["accuracy"]["clipq_net"]
     assert report["size"]["rate"] > 1
     assert (tmp_path / "finetune" / "clipq_iter_2.caffemodel").exists()
+    assert "SYNTHETIC data" in (tmp_path / "report.md").read_text()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from clipq import nets, search, subset_eval
+from clipq import caffe_io, nets, search, subset_eval
 from clipq.errors import ClipqError
 from clipq.search import SearchSettings
 from conftest import random_caffemodel
@@ -120,3 +120,9 @@ def test_subset_is_a_random_sample_of_the_training_lmdb(tmp_path, fashion_mnist_
     assert env.stat()["entries"] == 300
     with pytest.raises(ClipqError, match="fewer than the subset's 100000"):
         subset_eval.write_subset(str(fashion_mnist_slices["train"]), 100000, 1, tmp_path / "t")
+
+
+def test_a_net_without_train_data_names_the_option_of_each_command():
+    net = caffe_io.caffe_pb2().NetParameter(name="n")
+    with pytest.raises(ClipqError, match=r"`clipq search --data LMDB`, `--val LMDB` in compress / zoo"):
+        subset_eval.training_source(net, "n.prototxt")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -22,6 +24,20 @@ def quantized(shape=(64, 300), p=0.9, bits=3, seed=0, name="fc"):
 
 def raw(name="bn"):
     return Layer(name, "BatchNorm", [np.arange(5, dtype=np.float32), np.ones((2, 3), np.float32)])
+
+
+def header_of(data: bytes) -> dict:
+    """The JSON header of a .clipq file."""
+    (length,) = struct.unpack("<I", data[12:16])
+    return json.loads(zlib.decompress(data[20:20 + length]))
+
+
+def with_header(data: bytes, header: dict, version: int | None = None) -> bytes:
+    """`data` with `header` in place of its own and the header CRC recomputed: a careful hand edit."""
+    (length,) = struct.unpack("<I", data[12:16])
+    packed = zlib.compress(json.dumps(header).encode())
+    fixed_version = data[8:12] if version is None else struct.pack("<I", version)
+    return data[:8] + fixed_version + struct.pack("<II", len(packed), zlib.crc32(packed)) + packed + data[20 + length:]
 
 
 @pytest.mark.parametrize("width", [1, 3, 8, 13, 24])
@@ -76,11 +92,12 @@ def test_compressed_size_is_the_streams_plus_codebook_plus_bias():
     assert f["length"] == sum(f["stream_bytes"])
 
 
-def test_all_pruned_and_dense_layers_round_trip():
+@pytest.mark.parametrize("use_huffman", [False, True])
+def test_all_pruned_and_dense_layers_round_trip(use_huffman):
     empty = Layer("e", "InnerProduct", [np.zeros((3, 4), np.float32)], np.zeros((3, 4), np.uint8),
                   np.zeros(3, np.float32), 2, 0.5)
     dense = quantized(p=0.0, bits=8, name="d")
-    _, (e, d) = sparse_codec.decode(sparse_codec.encode([empty, dense]))
+    _, (e, d) = sparse_codec.decode(sparse_codec.encode([empty, dense], use_huffman=use_huffman))
     assert not e.blobs[0].any() and np.array_equal(d.blobs[0], dense.blobs[0])
 
 
@@ -101,10 +118,48 @@ def test_bad_magic_newer_version_and_corrupt_header_are_refused():
     data = sparse_codec.encode([quantized()])
     with pytest.raises(ClipqError, match="not a .clipq file"):
         sparse_codec.decode(b"PK" + data[2:])
-    newer = data[:8] + struct.pack("<I", 2) + data[12:]
-    with pytest.raises(ClipqError, match="format version 2 was written by a newer clipq"):
+    newer = data[:8] + struct.pack("<I", sparse_codec.FORMAT_VERSION + 1) + data[12:]
+    with pytest.raises(ClipqError, match=f"format version {sparse_codec.FORMAT_VERSION + 1} was written by a newer"):
         sparse_codec.decode(newer)
     corrupt = bytearray(data)
     corrupt[30] ^= 1
     with pytest.raises(ClipqError, match="header CRC mismatch"):
         sparse_codec.decode(bytes(corrupt))
+
+
+def test_a_file_cut_inside_the_fixed_part_is_called_truncated():
+    data = sparse_codec.encode([quantized()])
+    with pytest.raises(ClipqError, match=r"m.clipq: truncated \(15 bytes"):
+        sparse_codec.decode(data[:15], "m.clipq")
+
+
+def test_bytes_after_the_last_layer_are_refused():
+    data = sparse_codec.encode([quantized(), raw()])
+    with pytest.raises(ClipqError, match="m.clipq: 3 bytes after the last layer"):
+        sparse_codec.decode(data + b"abc", "m.clipq")
+
+
+def test_an_edited_entry_fails_its_layers_crc():
+    data = sparse_codec.encode([quantized(name="fc6"), raw()])
+    header = header_of(data)
+    header["layers"][0]["shapes"][0] = [64, 301]  # still fits the streams: only the bound CRC tells
+    with pytest.raises(ClipqError, match="layer 'fc6': CRC mismatch"):
+        sparse_codec.decode(with_header(data, header), "m.clipq")
+
+
+def test_a_version_1_file_still_decodes():
+    layers = [quantized(), raw()]
+    data = sparse_codec.encode(layers)
+    header, start = sparse_codec.read_header(data)
+    header["version"] = 1
+    for entry in header["layers"]:  # version 1: a layer's CRC covers its payload only
+        entry["crc32"] = zlib.crc32(data[start + entry["offset"]:start + entry["offset"] + entry["length"]])
+    _, decoded = sparse_codec.decode(with_header(data, header, version=1))
+    assert all(np.array_equal(x, y) for a, b in zip(layers, decoded) for x, y in zip(a.blobs, b.blobs))
+
+
+def test_encode_refuses_a_layer_the_reader_would_refuse():
+    layer = raw()
+    layer.type = "Normalize"
+    with pytest.raises(ClipqError, match="layer 'bn': field 'type' is 'Normalize', not a Caffe layer type"):
+        sparse_codec.encode([layer])

@@ -22,8 +22,8 @@ def fake_run(directory, seed: int, decoded: float, nbytes: int, met: bool):
 
 
 def test_runs_of_one_net_become_one_row_with_mean_and_range(tmp_path):
-    runs = [fake_run(tmp_path / f"s{seed}", seed, decoded, nbytes, met)
-            for seed, decoded, nbytes, met in ((0, 0.897, 20000, True), (1, 0.899, 25000, True), (2, 0.893, 40000, False))]
+    cases = ((0, 0.897, 20000, True), (1, 0.899, 25000, True), (2, 0.893, 40000, False))
+    runs = [fake_run(tmp_path / f"s{seed}", seed, decoded, nbytes, met) for seed, decoded, nbytes, met in cases]
     text = summary.table(summary.load_reports(runs))
     row = text.splitlines()[2]
     assert row.startswith("| lenet5 | 3 (0, 1, 2) |")

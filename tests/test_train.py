@@ -48,7 +48,7 @@ def test_rerun_resumes_from_the_newest_snapshot(tmp_path, toy_layers_on_path):
     train.train(solver, progress=False)
     for f in (tmp_path / "snap").glob("toy_iter_40.*"):
         f.unlink()  # as if the run had been killed after the iteration-20 snapshot
-    assert train.latest_snapshot(str(tmp_path / "snap" / "toy"))[0] == 20
+    assert train.snapshots(str(tmp_path / "snap" / "toy"))[0][0] == 20
     train.train(solver, progress=False)
     log = (tmp_path / "snap" / "toy.log").read_text()
     assert re.search(r"Resuming from \S*toy_iter_20\.solverstate", log)

@@ -336,3 +336,22 @@ def test_command_line_list_prints_the_layers(mini, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["Layer", "Type", "Weight"]
     assert [line.split()[0] for line in lines[1:]] == LAYERS
+
+
+def one_class_report(mild: dict, random_inputs: bool) -> dict:
+    report = json.loads(json.dumps(mild))
+    report["comparison"].update(original_classes=1, compared=64, random_inputs=random_inputs)
+    return report
+
+
+def agreement_line(report: dict) -> str:
+    return next(line for line in zoo.summary_lines(report) if line.startswith("top-1 agreement"))
+
+
+def test_one_class_on_random_inputs_asks_for_real_inputs(mild):
+    assert "give real inputs with --inputs" in agreement_line(one_class_report(mild, random_inputs=True))
+
+
+def test_one_class_on_real_inputs_says_so_without_asking_for_them(mild):
+    line = agreement_line(one_class_report(mild, random_inputs=False))
+    assert "all inputs got one class" in line and "--inputs" not in line

@@ -1,13 +1,22 @@
-"""Write outputs so that a crash or Ctrl-C never leaves a half-written file or directory behind."""
+"""Write outputs so that a crash or Ctrl-C never leaves a half-written file or directory behind.
+
+A temporary is named `.NAME.XXXXXXXX.tmp` next to its target (a replaced directory briefly becomes
+`.NAME.old-PID`); only SIGKILL or a power cut can leave one, and `remove_stale_temporaries` clears them
+when a run takes its output directory. Outputs get the modes of ordinary files (0666, 0777 for
+directories, less the umask), not mkstemp's 0600.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+TEMPORARY_RE = re.compile(r"\..+\.([a-z0-9_]{8}\.tmp|old-\d+)")
 
 
 @contextlib.contextmanager
@@ -17,6 +26,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -35,6 +45,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -46,3 +57,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries a killed writer left under `directory` (call only while no other process
+    writes there, e.g. holding its lock); return what was removed. Hidden directories are not entered."""
+    removed = []
+    for root, dirs, files in os.walk(directory):
+        for name in files + dirs:
+            if TEMPORARY_RE.fullmatch(name):
+                path = Path(root) / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(path)
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it before Python 3.13; set back at once
+    os.umask(mask)
+    return mask

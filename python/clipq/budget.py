@@ -6,9 +6,10 @@ to a bound on the summed search error": lambda is the multiplier. Each evaluatio
 point with the lowest objective. As lambda grows from 0 the picks only move to larger benefits, so the
 distinct plans form a path ordered from the largest model to the smallest (`lagrangian_path`).
 
-The budget is then a bisection over that path in log size (`next_index`): a round fine-tunes one plan
+The budget is then a bisection over that path in log size (`next_candidate`): a round fine-tunes one plan
 in Caffe, decodes it and measures its top-1 drop on held-out validation data; a plan that meets the
-budget moves the bisection towards smaller plans, one that misses it towards larger ones. A round meets the budget when
+budget moves the bisection towards smaller plans, one that misses it towards larger ones. Where the path
+leaves a wide gap between two neighbours, the plan halfway between them is tried too. A round meets the budget when
 its validation drop plus `se_margin` standard errors of that drop (paired over the same images,
 `paired_drop`) is at most the budget, so that the result also holds on data it was not chosen on.
 Pure numpy: no Caffe.
@@ -113,18 +114,22 @@ def relative_sizes(path: list[PathPlan]) -> list[float]:
     return [max(1.0 - entry.benefit, 1e-12) for entry in path]
 
 
-def next_index(sizes: list[float], results: dict[int, bool]) -> int | None:
-    """The next path index to try given the plans' sizes (decreasing) and {index: met the budget}, or
-    None when the bisection is done.
+def bracket(length: int, results: dict[int, bool]) -> tuple[int, int]:
+    """(low, high): the smallest model known to meet the budget (-1: none) and the largest smaller one known
+    to miss it (`length`: none). Results need not be monotone: the bracket is taken above the best success."""
+    low = max((i for i, ok in results.items() if ok), default=-1)
+    high = min((i for i, ok in results.items() if not ok and i > low), default=length)
+    return low, high
 
-    The bracket lies between the smallest model known to meet the budget and the largest smaller one known
-    to miss it (measured results need not be monotone: the bracket is taken above the best success); the
-    next plan is the one nearest the bracket's geometric middle in size, so that every round halves the
+
+def next_index(sizes: list[float], results: dict[int, bool]) -> int | None:
+    """The next index to try given the plans' sizes (decreasing) and {index: met the budget}, or None when
+    no untried plan is left inside the bracket.
+
+    The next plan is the one nearest the bracket's geometric middle in size, so that every round halves the
     log-size range whatever the path's density (its small end holds many plans of nearly equal size).
     """
-    met = [i for i, ok in results.items() if ok]
-    low = max(met, default=-1)
-    high = min((i for i, ok in results.items() if not ok and i > low), default=len(sizes))
+    low, high = bracket(len(sizes), results)
     candidates = range(low + 1, high)
     if not candidates:
         return None
@@ -133,3 +138,55 @@ def next_index(sizes: list[float], results: dict[int, bool]) -> int | None:
     small = log_size[high] if high < len(sizes) else log_size[candidates[-1]]
     middle = (large + small) / 2
     return min(candidates, key=lambda i: (abs(log_size[i] - middle), i))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A plan the budget may fine-tune: one of the path's, or one interpolated between two neighbours."""
+
+    plan: dict[str, LayerPlan]
+    size: float   # share of the float32 size (the search's accounting; a geometric mean if interpolated)
+    origin: str   # where it comes from, for the report
+
+    @property
+    def key(self) -> tuple:
+        return tuple((name, round(lp.p, 4), lp.bits) for name, lp in sorted(self.plan.items()))
+
+
+def path_candidates(path: list[PathPlan]) -> list[Candidate]:
+    return [Candidate(entry.plan, size, f"lambda path {entry.index + 1}/{len(path)}")
+            for entry, size in zip(path, relative_sizes(path))]
+
+
+def interpolate(larger: Candidate, smaller: Candidate) -> Candidate | None:
+    """The plan halfway between two plans: every layer that differs keeps the geometric mean of their kept
+    shares (1 - p) and the mean of their bit widths. None when that equals one of the two."""
+    plan = {}
+    for name, a in larger.plan.items():
+        b = smaller.plan[name]
+        kept = math.sqrt((1 - a.p) * (1 - b.p))
+        plan[name] = a if a == b else LayerPlan(round(1 - kept, 4), int(math.floor((a.bits + b.bits) / 2 + 0.5)))
+    middle = Candidate(plan, math.sqrt(larger.size * smaller.size), "between two neighbours of the path")
+    return None if middle.key in (larger.key, smaller.key) else middle
+
+
+def next_candidate(candidates: list[Candidate], met: dict[tuple, bool],
+                   refine_ratio: float = 1.25) -> int | None:
+    """The position of the next plan to fine-tune in `candidates` (which it may extend), or None when done.
+
+    Bisects the candidates in log size; when the bracket closes between two neighbours whose sizes differ
+    by more than `refine_ratio`, the plan halfway between them is inserted and tried: the search's
+    evaluations are sparse where the error rises steeply, and the fine-tuning decides, not the search.
+    """
+    results = {i: met[c.key] for i, c in enumerate(candidates) if c.key in met}
+    index = next_index([c.size for c in candidates], results)
+    if index is not None:
+        return index
+    low, high = bracket(len(candidates), results)
+    if low < 0 or high >= len(candidates) or candidates[low].size < refine_ratio * candidates[high].size:
+        return None
+    middle = interpolate(candidates[low], candidates[high])
+    if middle is None or middle.key in met:
+        return None
+    candidates.insert(high, middle)
+    return high

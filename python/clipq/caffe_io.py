@@ -67,11 +67,16 @@ def read_text_proto(path: str | os.PathLike, message_name: str, kind: str):
         text = path.read_text()
     except OSError as e:
         raise ClipqError(f"{path}: cannot read {kind} ({e.strerror})") from None
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:  # protobuf would quote the bytes into the message
+        raise ClipqError(f"{path}: not a valid Caffe {kind}: binary data, not text (a caffemodel?)")
     message = getattr(caffe_pb2(), message_name)()
     try:
         text_format.Merge(text, message)
     except text_format.ParseError as e:
-        raise ClipqError(f"{path}: not a valid Caffe {kind}: {e}") from None
+        reason = str(e).split(" : ", 1)[-1]  # "line:column : reason" -> the location goes first
+        raise ClipqError(f"{path}:{e.GetLine()}:{e.GetColumn()}: not a valid Caffe {kind}: {reason}") from None
     return message
 
 

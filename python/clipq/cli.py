@@ -4,12 +4,76 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 import clipq
+from clipq import processes
 from clipq.errors import ClipqError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `clipq <command>: <message>`, like clipq's own (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _number(text, int, lambda x: x >= 1, "a positive integer")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    return _number(text, float, lambda x: x > 0, "a positive number")
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    return _number(text, float, lambda x: x >= 0, "a number >= 0")
+
+
+def open_fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    return _number(text, float, lambda x: 0 < x < 1, "a number between 0 and 1 (exclusive)")
+
+
+def _number(text: str, kind: type, valid, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not valid(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def output_file(text: str) -> Path:
+    """argparse type: a file to write (an existing file is replaced; a directory is refused)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a directory; give the name of the file to write")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent}: is not a directory")
+    return path
+
+
+def work_dir(text: str) -> Path:
+    """argparse type: a work directory (an existing one is resumed; an existing file is refused)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a file, not a directory")
+    return path
+
+
+def distinct_output(output: Path, **inputs) -> None:
+    """Refuse an output that is one of the command's input files (it would be replaced before it is read)."""
+    for flag, path in inputs.items():
+        if path is not None and output.resolve() == Path(path).resolve():
+            raise ClipqError(f"{output}: is also the {flag} file; write the output elsewhere")
 
 
 def _doctor(args) -> int:
@@ -19,16 +83,21 @@ def _doctor(args) -> int:
 
 
 def _convert(args) -> int:
-    from clipq import convert, plan
+    from clipq import convert, plan, preflight
 
+    distinct_output(args.output, model=args.model, plan=args.plan)
+    preflight.net(args.model)
     layers = convert.convert_file(args.model, plan.load_plan(args.plan), args.output)
     print(f"{args.output}: {len(layers)} CLIP-Q layer(s): {', '.join(layers)}")
     return 0
 
 
 def _export(args) -> int:
-    from clipq import convert
+    from clipq import convert, preflight
 
+    distinct_output(args.output, model=args.model, weights=args.weights)
+    preflight.net(args.model)
+    preflight.caffemodel_layers(args.weights)
     summary = convert.export(args.model, args.weights, args.output)
     for name, facts in summary.items():
         print(f"{name:<24} p={facts['p']:<6g} b={facts['bits']}  kept {facts['kept']:.2%}")
@@ -46,8 +115,10 @@ def _size_table(layers, fmt: str, paper_plan=None, extra=None) -> str:
 
 
 def _encode(args) -> int:
-    from clipq import compressed_model, plan
+    from clipq import compressed_model, plan, preflight
 
+    distinct_output(args.output, model=args.model, weights=args.weights, plan=args.plan)
+    preflight.check_net(args.model, args.weights, read_data=False)
     layers = compressed_model.encode_file(args.model, args.weights, args.output,
                                           plan.load_plan(args.plan) if args.plan else None, args.huffman)
     print(_size_table(layers, args.format))
@@ -56,23 +127,29 @@ def _encode(args) -> int:
 
 
 def _decode(args) -> int:
-    from clipq import compressed_model
+    from clipq import compressed_model, preflight
 
+    distinct_output(args.output, input=args.input, model=args.model)
+    if args.model is not None:
+        preflight.check_net(args.model)  # Caffe builds it (and opens any LMDB it reads)
     layers = compressed_model.decode_file(args.input, args.output, args.model)
     print(f"{args.output}: {len(layers)} layers" + (f", checked against {args.model}" if args.model else ""))
     return 0
 
 
 def _size(args) -> int:
-    from clipq import compressed_model, plan
+    from clipq import compressed_model, plan, preflight
 
     if args.paper and not args.plan:
         raise ClipqError("--paper compares with the paper_sizes of the --plan file "
                          "(e.g. prototxt/alexnet/paper_params.yaml)")
     if args.input is not None:
         header, layers = compressed_model.read_file(args.input)
-        extra = {"file": str(args.input), "file_bytes": args.input.stat().st_size, **header.get("meta", {})}
+        # the header's free-form meta first: it must not replace what this command measured
+        extra = {**header.get("meta", {}), "file": str(args.input), "file_bytes": args.input.stat().st_size}
     elif args.model is not None:
+        # without weights, Caffe builds the net for its shapes (and opens any LMDB it reads)
+        preflight.check_net(args.model, args.weights, read_data=args.weights is None)
         data, layers = compressed_model.encode_model(args.model, args.weights,
                                                      plan.load_plan(args.plan) if args.plan else None,
                                                      args.huffman, args.seed)
@@ -87,8 +164,13 @@ def _size(args) -> int:
 
 
 def _search(args) -> int:
-    from clipq import search
+    from clipq import preflight, search
 
+    net = preflight.check_net(args.model, args.weights, "TEST", require_all=False)  # as compress (see its check)
+    if args.data is None:  # the subset is drawn from the TRAIN Data layer's LMDB
+        preflight.blob_shapes(net.param, args.model, "TRAIN")
+    else:
+        preflight.first_datum(args.data, "--data")
     plan = search.run(args.model, args.weights, args.out, args.layers, _settings(args), args.jobs, args.data,
                       progress=not args.no_progress)
     for name, lp in plan.items():
@@ -100,6 +182,8 @@ def _search(args) -> int:
 def _settings(args):
     from clipq import search
 
+    if args.initial > args.iterations:
+        raise ClipqError(f"--initial {args.initial} is more than --iterations {args.iterations}")
     return search.SearchSettings(lam=args.lam, iterations=args.iterations, initial=args.initial,
                                  subset=args.subset, seed=args.seed, p_max=args.p_max)
 
@@ -149,8 +233,16 @@ def _reproduce(args) -> int:
 
 
 def _train(args) -> int:
-    from clipq import train
+    from clipq import preflight, train
 
+    if args.output is not None:
+        distinct_output(args.output, solver=args.solver, weights=args.weights)
+    solver = train.read_solver(args.solver)
+    net = train.solver_net(args.solver, solver)
+    if net is not None:  # weights may cover part of the net: fine-tuning learns the rest
+        checked = preflight.check_net(net, args.weights, "TRAIN", require_all=False, what=f"net of {args.solver}")
+        if len(solver.test_iter):
+            preflight.blob_shapes(checked.param, net, "TEST")
     result = train.train(args.solver, output=args.output, weights=args.weights, log=args.log,
                          progress=not args.no_progress)
     print(result)
@@ -158,8 +250,9 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from clipq import caffe_io
+    from clipq import caffe_io, preflight
 
+    preflight.check_net(args.model, args.weights, "TEST")
     scores = caffe_io.evaluate(args.model, args.weights, iterations=args.iterations)
     if args.json:
         print(json.dumps(scores, indent=2))
@@ -171,15 +264,17 @@ def _evaluate(args) -> int:
 
 def _search_arguments(p) -> None:
     """The search options `clipq search` and `clipq compress` share."""
-    p.add_argument("--lam", type=float, default=10.0, help="lambda of Eq. 1 (default 10)")
-    p.add_argument("--iterations", type=int, default=50, help="evaluations per layer (default 50, as the paper)")
-    p.add_argument("--initial", type=int, default=5, help="random evaluations before the GP (default 5)")
-    p.add_argument("--subset", type=int, default=5000,
+    p.add_argument("--lam", type=nonnegative_float, default=10.0, help="lambda of Eq. 1 (default 10)")
+    p.add_argument("--iterations", type=positive_int, default=50,
+                   help="evaluations per layer (default 50, as the paper)")
+    p.add_argument("--initial", type=positive_int, default=5,
+                   help="random evaluations before the GP (default 5; at most --iterations)")
+    p.add_argument("--subset", type=positive_int, default=5000,
                    help="training images per evaluation (<= 100, or a multiple of 100)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the subset and of the search (and, in compress, the fine-tuning's random_seed)")
-    p.add_argument("--p-max", type=float, default=0.99, help="largest pruning rate searched (default 0.99)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel processes (default: cores)")
+    p.add_argument("--p-max", type=open_fraction, default=0.99, help="largest pruning rate searched (default 0.99)")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel processes (default: cores)")
 
 
 def budget_arguments(p) -> None:
@@ -192,19 +287,19 @@ def budget_arguments(p) -> None:
     g.add_argument("--search-on", choices=["auto", "val", "train"], default="auto",
                    help="images of the search's error: 'val' (the --val LMDB), 'train' (a random subset of the "
                         "TRAIN LMDB, the paper's choice); default auto = val when --val is given")
-    g.add_argument("--max-drop", type=float, metavar="POINTS",
+    g.add_argument("--max-drop", type=positive_float, metavar="POINTS",
                    help="the smallest model whose decoded caffemodel loses at most POINTS top-1 points on --val: "
                         "bisects the plans the search's evaluations give at every lambda, one fine-tuning per "
                         "round (needs --val; without it, one round at --lam)")
-    g.add_argument("--rounds", type=int, default=4, help="at most this many fine-tuning rounds for --max-drop "
-                                                         "(default 4)")
-    g.add_argument("--se-margin", type=float, default=1.0,
+    g.add_argument("--rounds", type=positive_int, default=5,
+                   help="at most this many fine-tuning rounds for --max-drop (default 5)")
+    g.add_argument("--se-margin", type=nonnegative_float, default=1.0,
                    help="a round meets --max-drop when its validation drop plus this many standard errors of that "
                         "drop is within the budget (default 1; 0 = the drop alone)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="clipq",
         description="CLIP-Q (Tung & Mori, CVPR 2018): in-parallel pruning-quantization of Caffe models, "
                     "fine-tuned inside real Caffe.")
@@ -228,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  .venv/bin/caffe train --solver SOLVER --weights plain.caffemodel")
     p.add_argument("--model", type=Path, required=True, help="plain train_val or deploy prototxt")
     p.add_argument("--plan", type=Path, required=True, help="per-layer (p, b) file, YAML or JSON")
-    p.add_argument("--output", type=Path, required=True, help="CLIP-Q prototxt to write")
+    p.add_argument("--output", type=output_file, required=True, help="CLIP-Q prototxt to write (replaced if it exists)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("search", help="Bayesian search of each layer's (p, b) (GP + expected improvement)",
@@ -245,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "The paper used lambda 40 (AlexNet), 5 (GoogLeNet), 10 (ResNet-50), 50 iterations.")
     p.add_argument("--model", type=Path, required=True, help="plain train_val prototxt (TRAIN Data layer, TEST Accuracy)")
     p.add_argument("--weights", type=Path, required=True, help="trained plain caffemodel")
-    p.add_argument("--out", type=Path, required=True, help="output directory (logs, plan, plots)")
+    p.add_argument("--out", type=work_dir, required=True,
+                   help="output directory (logs, plan, plots); an existing one is resumed")
     p.add_argument("--layers", nargs="+", help="layers to search (default: every Convolution/InnerProduct layer)")
     _search_arguments(p)
     p.add_argument("--data", help="LMDB to draw the subset from, e.g. held-out validation images (default: the "
@@ -279,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="plain train_val prototxt (LMDB Data layers, Accuracy)")
     p.add_argument("--weights", type=Path, required=True, help="trained plain caffemodel")
     p.add_argument("--solver", type=Path, required=True, help="fine-tuning solver prototxt")
-    p.add_argument("--out", type=Path, required=True, help="work and output directory")
+    p.add_argument("--out", type=work_dir, required=True, help="work and output directory; an existing one is resumed")
     p.add_argument("--plan", type=Path, help="use this (p, b) plan instead of searching")
-    p.add_argument("--max-iter", type=int, help="fine-tuning iterations (default: the solver's max_iter)")
+    p.add_argument("--max-iter", type=positive_int, help="fine-tuning iterations (default: the solver's max_iter)")
     p.add_argument("--huffman", action="store_true", help="Huffman-code the .clipq streams")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _search_arguments(p)
@@ -309,10 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("net", choices=["alexnet", "googlenet", "resnet50"])
     p.add_argument("--imagenet", type=Path, help="directory with ilsvrc12_train_lmdb and ilsvrc12_val_lmdb")
     p.add_argument("--weights", type=Path, help="the model-zoo caffemodel to compress")
-    p.add_argument("--out", type=Path, help="work directory (default: ~/.cache/clipq/reproduce/NET[_smoke])")
+    p.add_argument("--out", type=work_dir, help="work directory (default: ~/.cache/clipq/reproduce/NET[_smoke])")
     p.add_argument("--smoke", action="store_true", help="synthetic data, minutes on a CPU")
     p.add_argument("--paper-plan", action="store_true", help="use the paper's (p, b) (Tables 1-3) instead of searching")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel search processes")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel search processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     budget_arguments(p)
     p.set_defaults(func=_reproduce)
@@ -323,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Paths inside the solver are relative to the current directory.")
     p.add_argument("--solver", type=Path, required=True, help="solver prototxt")
     p.add_argument("--weights", type=Path, help="caffemodel to start from (ignored when resuming)")
-    p.add_argument("--output", type=Path, help="copy the final caffemodel here (atomically)")
+    p.add_argument("--output", type=output_file,
+                   help="copy the final caffemodel here (atomically; replaced if it exists)")
     p.add_argument("--log", type=Path, help="Caffe's log (default: <snapshot_prefix>.log)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
@@ -334,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "original plain prototxt.")
     p.add_argument("--model", type=Path, required=True, help="the CLIP-Q prototxt the weights were trained with")
     p.add_argument("--weights", type=Path, required=True, help="trained CLIP-Q caffemodel")
-    p.add_argument("--output", type=Path, required=True, help="plain caffemodel to write")
+    p.add_argument("--output", type=output_file, required=True,
+                   help="plain caffemodel to write (replaced if it exists)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("encode", help="caffemodel -> .clipq (relative indices + b-bit codes + codebooks)",
@@ -346,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="CLIP-Q prototxt, or plain prototxt with --plan")
     p.add_argument("--weights", type=Path, required=True, help="caffemodel (trained CLIP-Q, or exported)")
     p.add_argument("--plan", type=Path, help="(p, b) plan, for a plain prototxt")
-    p.add_argument("--output", type=Path, required=True, help=".clipq file to write")
+    p.add_argument("--output", type=output_file, required=True, help=".clipq file to write (replaced if it exists)")
     p.add_argument("--huffman", action="store_true", help="also Huffman-code the index and code streams")
     p.add_argument("--format", choices=["text", "md", "json"], default="text", help="size table format")
     p.set_defaults(func=_encode)
@@ -356,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "With --model, first check that every learnable layer of that deploy "
                                    "prototxt is in the file with the same blob shapes.")
     p.add_argument("input", type=Path, help=".clipq file")
-    p.add_argument("--output", type=Path, required=True, help="caffemodel to write")
+    p.add_argument("--output", type=output_file, required=True, help="caffemodel to write (replaced if it exists)")
     p.add_argument("--model", type=Path, help="deploy prototxt the caffemodel is for (checked)")
     p.set_defaults(func=_decode)
 
@@ -388,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each scalar output (accuracy, loss).")
     p.add_argument("--model", type=Path, required=True, help="train_val prototxt with a TEST Data layer")
     p.add_argument("--weights", type=Path, required=True, help="caffemodel")
-    p.add_argument("--iterations", type=int, help="TEST batches to run (default: the whole LMDB once)")
+    p.add_argument("--iterations", type=positive_int, help="TEST batches to run (default: the whole LMDB once)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_evaluate)
     return parser
@@ -400,10 +498,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    processes.interrupt_on_termination()  # SIGTERM / SIGHUP end the run as Ctrl-C does, children included
     try:
         return args.func(args)
     except ClipqError as e:
         print(f"clipq {args.command}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only directory, ...: the file and the reason, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"clipq {args.command}: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        import lmdb
+
+        if not isinstance(e, lmdb.Error):  # e.g. MapFullError, or a full disk at mdb_txn_commit
+            raise
+        print(f"clipq {args.command}: LMDB error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"clipq {args.command}: interrupted", file=sys.stderr)

@@ -5,8 +5,10 @@ a plan). A compressed layer whose weights already take at most 2^b - 1 distinct 
 exported CLIP-Q model) is stored exactly as it is; otherwise the CLIP-Q operator prunes and quantizes it
 first (a trained CLIP-Q caffemodel with its full-precision weights). Every other layer is stored raw.
 
-decode: a `.clipq` file -> a plain caffemodel (layer names and types kept), optionally checked against
-the deploy prototxt it is meant for.
+decode: a `.clipq` file -> a plain caffemodel (layer names and types kept). The file is checked against
+itself first (`sparse_codec.decode` refuses damage and inconsistent edits); only with the deploy prototxt
+it is meant for (`--model`) are its layer names and blob shapes checked against a net, the way Caffe will
+match them when it loads the caffemodel.
 """
 
 from __future__ import annotations

@@ -74,13 +74,23 @@ def _caffe_checks() -> list[Check]:
 
 
 def _blas_check() -> Check:
-    """The BLAS library the loaded pycaffe actually uses (from this process's memory map)."""
-    maps = Path("/proc/self/maps").read_text().splitlines()
-    libs = sorted({line.split()[-1] for line in maps if "blas" in line.rsplit("/", 1)[-1]})
-    caffe_blas = [lib for lib in libs if "openblas" in lib] or libs
-    if not caffe_blas:
-        return Check("BLAS", False, "not found", "pycaffe loaded no BLAS library")
-    return Check("BLAS", True, _openblas_version(caffe_blas[0]), caffe_blas[0])
+    """The BLAS library pycaffe's `_caffe.so` links (through libcaffe), as the dynamic loader resolves it.
+
+    Not this process's memory map: numpy brings its own OpenBLAS, which Caffe never calls."""
+    import caffe
+
+    extension = Path(caffe.__file__).parent / "_caffe.so"
+    try:
+        linked = subprocess.run(["ldd", str(extension)], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return Check("BLAS", False, "unknown", f"ldd {extension} failed: {e}")
+    # ldd lines: "libopenblas.so.0 => /lib/x86_64-linux-gnu/libopenblas.so.0 (0x...)"
+    libs = [line.split("=>")[1].split("(")[0].strip() for line in linked.splitlines()
+            if "=>" in line and "blas" in line.split("=>")[0]]
+    if not libs:
+        return Check("BLAS", False, "not found", f"{extension} links no BLAS library")
+    lib = str(Path(libs[0]).resolve())  # through Debian's alternatives symlinks to the real file
+    return Check("BLAS", True, _openblas_version(lib), lib)
 
 
 def _openblas_version(lib: str) -> str:

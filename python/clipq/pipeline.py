@@ -29,6 +29,7 @@ from clipq import budget, caffe_io, compressed_model, convert, search, train
 from clipq import report as reporting
 from clipq.atomic import atomic_write
 from clipq.errors import ClipqError
+from clipq.lock import output_directory
 from clipq.plan import load_plan, save_plan
 
 
@@ -50,8 +51,9 @@ class CompressConfig:
     val: Path | None = None   # held-out validation LMDB: the search's error, the budget, fine-tuning's monitor
     search_on: str = "auto"   # "val" (the held-out LMDB), "train" (a training subset, the paper), auto: val if any
     max_drop: float | None = None  # top-1 points the decoded model may lose on val (None: one round at --lam)
-    rounds: int = 4           # fine-tuning rounds of the budget's bisection
+    rounds: int = 5           # fine-tuning rounds of the budget's bisection
     se_margin: float = 1.0    # a round meets the budget when val drop + se_margin * its standard error <= max_drop
+    synthetic: bool = False   # random images and labels (`reproduce --smoke`): the report says accuracy means nothing
 
     @property
     def search_data(self) -> str:
@@ -83,6 +85,28 @@ class CompressConfig:
                 raise ClipqError(f"{path}: file not found ({what})")
         if self.val is not None:
             caffe_io.lmdb_entries(self.val, "validation LMDB (--val)")
+        self.check_inputs()
+
+    def check_inputs(self) -> None:
+        """What Caffe would abort on late: the net and its LMDBs, the weights, the plan against the net, the
+        solver; so that no stage starts (and nothing is copied into `out`) with a bad input."""
+        from clipq import preflight
+
+        # require_all=False: a zoo model's weights may lack heads only training uses (GoogLeNet's auxiliary
+        # classifiers); fine-tuning learns them, and an empty file or another net's weights are still refused
+        net = preflight.check_net(self.model, self.weights, "TEST", require_all=False)
+        preflight.blob_shapes(net.param, self.model, "TRAIN")  # the fine-tuning's (and the search's) LMDB
+        if self.val is not None:
+            preflight.blob_shapes(caffe_io.with_test_source(net.param, self.val, str(self.model)),
+                                  f"{self.model} reading --val {self.val}", "TEST")
+        if self.plan is not None:
+            plan = load_plan(self.plan)
+            convert.check_plan(net.param, plan, f"{self.plan} (--plan) for {self.model}")
+            if not plan:
+                raise ClipqError(f"{self.plan}: the plan names no layer to compress (--plan)")
+        solver = caffe_io.read_text_proto(self.solver, "SolverParameter", "solver prototxt")
+        if (self.max_iter or solver.max_iter) <= 0:
+            raise ClipqError(f"{self.solver}: max_iter must be positive (or give --max-iter)")
 
 
 def file_id(path: Path) -> str:
@@ -257,10 +281,15 @@ def compress_plan(config: CompressConfig, nets: Nets, stages: Stages, plan_path:
 
 
 def run(config: CompressConfig, log=print) -> dict:
-    """Run (or resume) the pipeline; return the report (also written as report.json / report.md)."""
+    """Run (or resume) the pipeline; return the report (also written as report.json / report.md).
+    OUT is locked meanwhile: a second run on it is refused."""
     config.check()
+    with output_directory(config.out, log):
+        return _run_stages(config, log)
+
+
+def _run_stages(config: CompressConfig, log) -> dict:
     out = config.out
-    out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out)
     nets = prepare_nets(config)
     model_in = {"model": file_id(nets.test), "weights": file_id(config.weights), "val": str(config.val)}
@@ -306,34 +335,32 @@ def budget_rounds(config: CompressConfig, nets: Nets, baseline: dict, log) -> li
     the previous round's full-precision weights, and measures its decoded model on the validation LMDB."""
     layers = list(load_plan(config.out / "plan.yaml"))
     path = budget.lagrangian_path(search.read_histories(config.out, layers))
-    sizes = budget.relative_sizes(path)
+    candidates = budget.path_candidates(path)
     baseline_correct = np.load(config.out / "baseline_val_correct.npy")
-    results: dict[int, bool] = {}
+    met: dict[tuple, bool] = {}
     rounds: list[dict] = []
     init = Path(config.weights)
     for number in range(1, config.rounds + 1):
-        index = budget.next_index(sizes, results)
+        index = budget.next_candidate(candidates, met)
         if index is None:
             break
-        entry = path[index]
+        candidate = candidates[index]
         work = config.out / "rounds" / f"{number:02d}"
         plan_path = work / "plan.yaml"
-        save_plan(entry.plan, plan_path, extra={"path_index": index, "path_length": len(path),
-                                                "lambda": [entry.lam_low, entry.lam_high]})
-        log(f"[round {number}/{config.rounds}] plan {index + 1} of {len(path)} on the search's lambda path "
-            f"(lambda {entry.lam_low:.4g}..{entry.lam_high:.4g}, {100 * sizes[index]:.2f}% of the float32 size), "
-            f"fine-tuning from {init if number == 1 else init.relative_to(config.out)}")
+        save_plan(candidate.plan, plan_path, extra={"origin": candidate.origin})
+        log(f"[round {number}/{config.rounds}] {candidate.origin}, {100 * candidate.size:.2f}% of the float32 "
+            f"size; fine-tuning from {init if number == 1 else init.relative_to(config.out)}")
         result = compress_plan(config, nets, Stages(work), plan_path, init, log)
         drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
-        met = budget.meets(drop, config.max_drop, config.se_margin)
-        results[index] = met
+        met[candidate.key] = budget.meets(drop, config.max_drop, config.se_margin)
         test_drop = 100 * (baseline["test"]["accuracy"] - result["scores"]["decoded"]["accuracy"])
-        rounds.append({**result, "round": number, "path_index": index, "path_length": len(path),
-                       "lambda": [entry.lam_low, entry.lam_high], "layers": {
-                           name: {"p": round(lp.p, 4), "b": lp.bits} for name, lp in entry.plan.items()},
-                       "val_drop": drop.points, "val_drop_se": drop.se, "test_drop": test_drop, "met": met})
+        rounds.append({**result, "round": number, "origin": candidate.origin, "layers": {
+                           name: {"p": round(lp.p, 4), "b": lp.bits} for name, lp in candidate.plan.items()},
+                       "val_drop": drop.points, "val_drop_se": drop.se, "test_drop": test_drop,
+                       "met": met[candidate.key]})
         log(f"[round {number}] {result['clipq_bytes']:,} bytes, validation drop {drop.points:+.2f} "
-            f"(+- {drop.se:.2f}) points: {'meets' if met else 'misses'} the budget of {config.max_drop:g}")
+            f"(+- {drop.se:.2f}) points: {'meets' if met[candidate.key] else 'misses'} the budget of "
+            f"{config.max_drop:g}")
         init = work / "finetuned.caffemodel"
     return rounds
 

@@ -18,7 +18,7 @@ def data_protocol(config) -> dict:
     else:
         search_on = "a random subset of the TRAIN LMDB (the paper's choice)"
     return {"search": search_on, "val": str(config.val) if config.val else None,
-            "test": "the train_val's TEST Data layer"}
+            "test": "the train_val's TEST Data layer", "synthetic": config.synthetic}
 
 
 def make_report(config, baseline: dict, result: dict, rounds: list[dict] | None, seconds: dict) -> dict:
@@ -47,8 +47,8 @@ def make_report(config, baseline: dict, result: dict, rounds: list[dict] | None,
         report["budget"] = {
             "max_drop": config.max_drop, "se_margin": config.se_margin, "rounds_allowed": config.rounds,
             "met": bool(result["met"]), "chosen": result["round"],
-            "rounds": [{key: r[key] for key in ("round", "path_index", "path_length", "lambda", "layers",
-                                                "clipq_bytes", "val_drop", "val_drop_se", "test_drop", "met")}
+            "rounds": [{key: r[key] for key in ("round", "origin", "layers", "clipq_bytes", "val_drop",
+                                                "val_drop_se", "test_drop", "met")}
                        | {"rate": total.original / r["clipq_bytes"]} for r in rounds]}
         plot_budget(report["budget"], config.out / "plots" / "budget.png")
     report["plots"] = sorted(str(p) for p in (config.out / "plots").glob("*.png"))
@@ -98,15 +98,15 @@ def _plan_cell(layers: dict) -> str:
 def budget_lines(budget: dict) -> list[str]:
     verdict = (f"round {budget['chosen']} is the smallest model that met it" if budget["met"] else
                f"**NO round met the budget**; kept round {budget['chosen']}, the smallest validation drop")
-    head = ("| round | plan (layer p/b) | path | `.clipq` bytes | rate | val drop (s.e.) | test drop | meets |",
+    head = ("| round | plan (layer p/b) | from | `.clipq` bytes | rate | val drop (s.e.) | test drop | meets |",
             "|---|---|---|---|---|---|---|---|")
-    rows = [f"| {r['round']} | {_plan_cell(r['layers'])} | {r['path_index'] + 1}/{r['path_length']} | "
+    rows = [f"| {r['round']} | {_plan_cell(r['layers'])} | {r['origin']} | "
             f"{r['clipq_bytes']:,} | {r['rate']:.1f}x | {r['val_drop']:+.2f} ({r['val_drop_se']:.2f}) | "
             f"{r['test_drop']:+.2f} | {'yes' if r['met'] else 'no'} |" for r in budget["rounds"]]
     return ["## Accuracy budget", "",
             f"Budget: top-1 drop of the decoded model on the validation images at most **{budget['max_drop']:g}** "
             f"points, counting the drop plus {budget['se_margin']:g} standard error(s); {len(budget['rounds'])} of "
-            f"at most {budget['rounds_allowed']} rounds on the search's lambda path: {verdict}. Test drops are "
+            f"at most {budget['rounds_allowed']} rounds, bisecting the search's lambda path: {verdict}. Test drops are "
             "shown for information; no choice was made on them.", "", *head, *rows, ""]
 
 
@@ -122,7 +122,9 @@ def report_markdown(report: dict) -> str:
         f"- weights: `{report['weights']}`; plan: `{report['plan']}` ({'searched' if report['searched'] else 'given'})",
         f"- search error measured on: {report['data']['search']}",
         f"- top-1 (test set): baseline **{acc['baseline']:.4f}**, CLIP-Q net **{acc['clipq_net']:.4f}**, "
-        f"decoded plain caffemodel **{acc['decoded']:.4f}** (drop {drop:+.2f} points)",
+        f"decoded plain caffemodel **{acc['decoded']:.4f}** (drop {drop:+.2f} points"
+        + ("; SYNTHETIC data: random images and labels, so no accuracy means anything)"
+           if report["data"].get("synthetic") else ")"),
         *([f"- top-1 (validation, {val['images']:,} held-out images): baseline {val['baseline']:.4f}, decoded "
            f"{val['decoded']:.4f} (drop {100 * (val['baseline'] - val['decoded']):+.2f} points)"] if val else []),
         *([f"- top-5: baseline **{report['top5']['baseline']:.4f}**, decoded **{report['top5']['decoded']:.4f}**"]

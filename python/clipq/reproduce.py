@@ -21,6 +21,7 @@ import yaml
 from clipq import caffe_io, datasets, pipeline
 from clipq.atomic import atomic_write
 from clipq.errors import ClipqError
+from clipq.lock import output_directory
 from clipq.search import SearchSettings
 
 NETS = ("alexnet", "googlenet", "resnet50")
@@ -105,19 +106,19 @@ def run(net: str, out: Path, imagenet: Path | None = None, weights: Path | None 
     The paper searched on a training subset, which stays the default without `val`."""
     train_val, deploy, params, solver = paper_files(net)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if smoke:
-        imagenet = synthetic_imagenet(out / "synthetic_imagenet")
-        weights = filler_weights(deploy, out / "filler_weights.caffemodel")
-        settings = SearchSettings(lam=paper_lambda(params), iterations=SMOKE["evaluations"],
-                                  initial=SMOKE["evaluations"], subset=SMOKE["subset"])
-    elif imagenet is None or weights is None:
-        raise ClipqError("give --imagenet (the ILSVRC-2012 LMDBs) and --weights (the zoo caffemodel), or --smoke")
-    else:
-        settings = SearchSettings(lam=paper_lambda(params))
-    model = train_val_for(train_val, Path(imagenet), out, SMOKE["batch"] if smoke else None)
-    config = pipeline.CompressConfig(model, Path(weights), solver_for(solver, out, smoke), out,
-                                     plan=params if paper_plan else None, settings=settings, jobs=jobs,
-                                     max_iter=SMOKE["iterations"] if smoke else None, progress=progress,
-                                     **budget)
-    return pipeline.run(config, log)
+    with output_directory(out, log):  # held across pipeline.run, which takes it again
+        if smoke:
+            imagenet = synthetic_imagenet(out / "synthetic_imagenet")
+            weights = filler_weights(deploy, out / "filler_weights.caffemodel")
+            settings = SearchSettings(lam=paper_lambda(params), iterations=SMOKE["evaluations"],
+                                      initial=SMOKE["evaluations"], subset=SMOKE["subset"])
+        elif imagenet is None or weights is None:
+            raise ClipqError("give --imagenet (the ILSVRC-2012 LMDBs) and --weights (the zoo caffemodel), or --smoke")
+        else:
+            settings = SearchSettings(lam=paper_lambda(params))
+        model = train_val_for(train_val, Path(imagenet), out, SMOKE["batch"] if smoke else None)
+        config = pipeline.CompressConfig(model, Path(weights), solver_for(solver, out, smoke), out,
+                                         plan=params if paper_plan else None, settings=settings, jobs=jobs,
+                                         max_iter=SMOKE["iterations"] if smoke else None, progress=progress,
+                                         synthetic=smoke, **budget)
+        return pipeline.run(config, log)

@@ -13,28 +13,33 @@ suggestions from all points so far. Layers are independent: they run in parallel
 
 Every evaluation is appended (and flushed) to `<out>/search/<layer>.jsonl` when it finishes; running the
 same command again resumes from those logs, so Ctrl-C or a crash loses at most the evaluation in
-progress. The best point of each layer becomes the plan (`plan.yaml`); `plots/<layer>.png` shows the
-search like Fig. 3.
+progress. A worker holds its layer's log locked while it searches it, so a worker that outlived a killed
+run can never log the same iteration as its successor; workers die with the run (`processes`). The best
+point of each layer becomes the plan (`plan.yaml`); `plots/<layer>.png` shows the search like Fig. 3.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import numpy as np
 
 from clipq.atomic import atomic_write
 from clipq.errors import ClipqError
+from clipq.lock import output_directory
 from clipq.plan import LayerPlan, save_plan
+from clipq.processes import end_with_parent
 from clipq.prune_quant import MAX_BITS
 
 B_DOMAIN = (0.5, MAX_BITS + 0.5)
@@ -107,10 +112,10 @@ def layer_log(out: Path, layer: str) -> Path:
 
 def read_log(path: Path, layer: str, settings: SearchSettings, model_id: str, data: str = "") -> list[Evaluation]:
     """Evaluations logged so far (none if no log); refuse a log made with other settings, weights or data."""
-    if not path.exists():
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not lines:
         return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    head = lines[0] if lines else {}
+    head = lines[0]
     logged = {k: v for k, v in head.get("settings", {}).items() if k != "iterations"}
     mine = {k: v for k, v in asdict(settings).items() if k != "iterations"}
     if logged != mine or head.get("layer") != layer or head.get("model") != model_id \
@@ -121,13 +126,20 @@ def read_log(path: Path, layer: str, settings: SearchSettings, model_id: str, da
     return [Evaluation(**entry) for entry in lines[1:]]
 
 
-def append_log(path: Path, entry: dict) -> None:
+def append_log(log: IO[str], entry: dict) -> None:
     """One JSON line, flushed to disk before returning."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    log.write(json.dumps(entry) + "\n")
+    log.flush()
+    os.fsync(log.fileno())
+
+
+def lock_log(log: IO[str], path: Path) -> None:
+    """Hold the log's flock until it is closed, first waiting for a worker of an earlier run to stop."""
+    try:
+        fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"[search] {path}: waiting for a search process of an earlier run to stop", file=sys.stderr)
+        fcntl.flock(log, fcntl.LOCK_EX)
 
 
 def search_layer(layer: str, layer_index: int, evaluate: Callable[[str, float, int], tuple[float, float]],
@@ -135,18 +147,21 @@ def search_layer(layer: str, layer_index: int, evaluate: Callable[[str, float, i
     """Run (or resume) one layer's search to `settings.iterations` evaluations; `data` names the
     images the error is measured on (recorded in the log's header)."""
     path = layer_log(out, layer)
-    history = read_log(path, layer, settings, model_id, data)
-    if not path.exists():
-        append_log(path, {"layer": layer, "model": model_id, "settings": asdict(settings), "data": data})
-    while len(history) < settings.iterations:
-        start = time.perf_counter()
-        p, b_raw = suggest(history, settings, layer_index)
-        bits = round_bits(b_raw)
-        error, benefit = evaluate(layer, p, bits)
-        entry = Evaluation(len(history), p, b_raw, bits, error, benefit, objective(error, benefit, settings.lam),
-                           time.perf_counter() - start)
-        append_log(path, asdict(entry))
-        history.append(entry)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log:
+        lock_log(log, path)
+        history = read_log(path, layer, settings, model_id, data)  # read under the lock: nobody appends now
+        if os.fstat(log.fileno()).st_size == 0:
+            append_log(log, {"layer": layer, "model": model_id, "settings": asdict(settings), "data": data})
+        while len(history) < settings.iterations:
+            start = time.perf_counter()
+            p, b_raw = suggest(history, settings, layer_index)
+            bits = round_bits(b_raw)
+            error, benefit = evaluate(layer, p, bits)
+            entry = Evaluation(len(history), p, b_raw, bits, error, benefit,
+                               objective(error, benefit, settings.lam), time.perf_counter() - start)
+            append_log(log, asdict(entry))
+            history.append(entry)
     return history
 
 
@@ -200,8 +215,11 @@ class SearchJob:
     all_layers: tuple[str, ...]  # every compressible layer of the net, in order
 
 
-def _worker(job: SearchJob, layers: list[tuple[int, str]]) -> None:
+def _worker(job: SearchJob, layers: list[tuple[int, str]], parent: int) -> None:
     from clipq.subset_eval import SubsetEvaluator
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    end_with_parent(signal.SIGTERM, parent)
 
     evaluate = SubsetEvaluator(job.eval_prototxt, job.weights, job.accuracy_blob, job.settings.subset)
     for index, layer in layers:
@@ -229,15 +247,16 @@ def run(model, weights, out, layers: list[str] | None = None, settings: SearchSe
     net's TRAIN-phase LMDB when `data` is None (the paper's choice). A subset larger than the LMDB is
     capped to it (with a message).
     """
-    job, layers = prepare(model, weights, out, layers, settings, data, log)
-    _run_workers(job, [(job_layer_index(job, name), name) for name in layers], jobs, progress)
-    histories = load_histories(job, layers)
-    plan = {name: LayerPlan(best(h).p, best(h).bits) for name, h in histories.items()}
-    for name, history in histories.items():
-        plot_layer(name, history, Path(out) / "plots" / (name.replace("/", "__") + ".png"), job.settings.lam)
-    save_plan(plan, Path(out) / "plan.yaml", extra={"lambda": job.settings.lam, "data": job.data, "searched": {
-        name: {"objective": round(best(h).objective, 4), "error": round(best(h).error, 3),
-               "benefit": round(best(h).benefit, 6)} for name, h in histories.items()}})
+    with output_directory(out, log):
+        job, layers = prepare(model, weights, out, layers, settings, data, log)
+        _run_workers(job, [(job_layer_index(job, name), name) for name in layers], jobs, progress)
+        histories = load_histories(job, layers)
+        plan = {name: LayerPlan(best(h).p, best(h).bits) for name, h in histories.items()}
+        for name, history in histories.items():
+            plot_layer(name, history, Path(out) / "plots" / (name.replace("/", "__") + ".png"), job.settings.lam)
+        save_plan(plan, Path(out) / "plan.yaml", extra={"lambda": job.settings.lam, "data": job.data, "searched": {
+            name: {"objective": round(best(h).objective, 4), "error": round(best(h).error, 3),
+                   "benefit": round(best(h).benefit, 6)} for name, h in histories.items()}})
     return plan
 
 
@@ -320,24 +339,36 @@ def _run_workers(job: SearchJob, layers: list[tuple[int, str]], jobs: int, progr
 
     groups = [layers[i::jobs] for i in range(max(1, min(jobs, len(layers))))]
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(job, group)) for group in groups]
-    for proc in procs:
-        proc.start()
+    procs = [ctx.Process(target=_worker, args=(job, group, os.getpid())) for group in groups]
     bar = tqdm(total=len(layers) * job.settings.iterations, initial=_logged(job, layers), unit="eval",
                desc=f"search ({len(layers)} layers, {len(groups)} jobs)", disable=not progress)
     try:
+        for proc in procs:
+            proc.start()
         while any(proc.is_alive() for proc in procs):
             time.sleep(0.5)
             bar.update(_logged(job, layers) - bar.n)
     except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
         raise ClipqError("interrupted; every finished evaluation is logged: rerun the same command to resume") \
             from None
     finally:
+        _end(procs)
         bar.update(_logged(job, layers) - bar.n)
         bar.close()
     failed = [proc.exitcode for proc in procs if proc.exitcode]
     if failed:
         raise ClipqError(f"a search process failed (exit code {failed[0]}); see its error above. "
                          "Finished evaluations are logged: fix the cause and rerun to resume")
+
+
+def _end(procs: list[multiprocessing.Process], grace: float = 10.0) -> None:
+    """Terminate the workers still running and reap them all (killed if they ignore SIGTERM)."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        if proc.pid is not None:
+            proc.join(grace)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()

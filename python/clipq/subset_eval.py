@@ -26,8 +26,8 @@ def training_source(net_param, source: str) -> str:
     for layer in net_param.layer:
         if layer.type == "Data" and any(rule.phase == train for rule in layer.include):
             return layer.data_param.source
-    raise ClipqError(f"{source}: no TRAIN-phase LMDB Data layer to draw the search's subset from; "
-                     "give the training LMDB with --data")
+    raise ClipqError(f"{source}: no TRAIN-phase LMDB Data layer to draw the search's subset from; add one, "
+                     "or search on held-out images (`clipq search --data LMDB`, `--val LMDB` in compress / zoo)")
 
 
 def write_subset(train_lmdb: str, count: int, seed: int, out: Path) -> None:

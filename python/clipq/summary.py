@@ -60,7 +60,8 @@ def table(reports: list[dict]) -> str:
         met = [r["met"] for r in runs if r["met"] is not None]
         budget = f"{sum(met)}/{len(met)} (<= {runs[0]['max_drop']:g})" if met else "no budget"
         rows.append(
-            f"| {Path(model).parent.name or Path(model).name} | {len(runs)} ({', '.join(str(r['seed']) for r in runs)}) "
+            f"| {Path(model).parent.name or Path(model).name} "
+            f"| {len(runs)} ({', '.join(str(r['seed']) for r in runs)}) "
             f"| {_spread([r['baseline'] for r in runs], '{:.2f}')} | {_spread([r['decoded'] for r in runs], '{:.2f}')} "
             f"| {_spread([r['test_drop'] for r in runs], '{:+.2f}')} "
             f"| {_spread(val, '{:+.2f}') if val else 'n/a'} | {_spread([r['bytes'] for r in runs], '{:,.0f}')} "

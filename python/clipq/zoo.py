@@ -29,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from clipq import caffe_io, caffemodel, search
+from clipq import caffe_io, caffemodel, preflight, search
 from clipq.atomic import atomic_write
 from clipq.convert import check_plan, compressible_layers
 from clipq.errors import ClipqError
+from clipq.lock import output_directory
 from clipq.plan import WRAPPED, LayerPlan, load_plan, save_plan
 from clipq.search import SearchSettings
 
@@ -62,7 +63,7 @@ class ZooConfig:
     val: Path | None = None        # held-out LMDB: the search's error and the --max-drop budget
     search_on: str = "auto"
     max_drop: float | None = None  # with --search and --solver: the smallest model within this top-1 drop on val
-    rounds: int = 4
+    rounds: int = 5
     se_margin: float = 1.0
 
 
@@ -210,7 +211,8 @@ def render_layers(rows: list[LayerInfo], fmt: str = "text") -> str:
 
 
 def check_config(config: ZooConfig) -> None:
-    """Exactly one source of (p, b); the search and the fine-tuning need a train_val."""
+    """Exactly one source of (p, b); the search and the fine-tuning need a train_val; the given files are
+    what they claim to be (`preflight`)."""
     sources = [config.plan is not None, config.p is not None or config.bits is not None, config.search]
     if sum(sources) != 1:
         raise ClipqError("give exactly one of --plan FILE, --p P --b B, or --search")
@@ -229,6 +231,11 @@ def check_config(config: ZooConfig) -> None:
     for path in (config.model, config.weights, config.plan, config.train_val, config.solver, config.inputs):
         if path is not None and not Path(path).is_file():
             raise ClipqError(f"{path}: file not found")
+    preflight.check_net(config.model)  # before OUT is made: a bad input leaves nothing behind
+    if config.train_val is not None:
+        preflight.check_net(config.train_val, what="--train-val")
+    if not caffemodel.is_v1(config.weights):  # (a V1 caffemodel is checked once Caffe has upgraded it)
+        preflight.caffemodel_layers(config.weights)
 
 
 def uniform_plan(deploy_param, p: float, bits: int) -> dict[str, LayerPlan]:
@@ -368,8 +375,8 @@ def comparison(config: ZooConfig, deploy: Path, weights: Path, decoded: Path, sh
     after = forward(deploy, decoded, inputs, config.batch)
     per_output = {name: compare_outputs(before[name], after[name]) for name in shapes.outputs}
     last = shapes.outputs[-1]
-    return {"inputs": described, "samples": len(next(iter(inputs.values()))), "output": last,
-            **per_output[last], "outputs": per_output}
+    return {"inputs": described, "random_inputs": config.inputs is None,
+            "samples": len(next(iter(inputs.values()))), "output": last, **per_output[last], "outputs": per_output}
 
 
 # --- the whole command --------------------------------------------------------------------------------
@@ -381,6 +388,8 @@ def prepare(config: ZooConfig) -> dict:
         if path is not None and Path(path).resolve().parent == work:
             raise ClipqError(f"{path}: is inside {work}, where clipq zoo writes; use another --out")
     deploy, deploy_up = prepare_prototxt(config.model, config.out, "deploy")
+    if deploy_up:  # the user's V1 net could not be checked as it was
+        preflight.check_net(deploy)
     weights, weights_up = prepare_weights(config.weights, config.out)
     shapes = net_shapes(deploy)
     weights, reshaped = fit_weights(weights, shapes, config.out)
@@ -394,13 +403,19 @@ def prepare(config: ZooConfig) -> dict:
 def list_compressible(config: ZooConfig) -> list[LayerInfo]:
     """`clipq zoo --list`: the compressible layers (the deploy upgraded first if it is in an old format)."""
     deploy, _ = prepare_prototxt(config.model, config.out, "deploy")
+    preflight.check_net(deploy)
     return list_layers(deploy, net_shapes(deploy))
 
 
 def run(config: ZooConfig, log=print) -> dict:
-    """Compress the model and compare it with the original; write OUT/zoo_report.json and .md; return the report."""
+    """Compress the model and compare it with the original; write OUT/zoo_report.json and .md; return the report.
+    OUT is locked meanwhile: a second run on it is refused."""
     check_config(config)
-    config.out.mkdir(parents=True, exist_ok=True)
+    with output_directory(config.out, log):
+        return _compress_and_compare(config, log)
+
+
+def _compress_and_compare(config: ZooConfig, log) -> dict:
     files = prepare(config)
     if any(files["upgraded"].values()):
         log(f"[prepare] upgraded to the current Caffe format under {config.out / UPGRADED}")
@@ -472,7 +487,9 @@ def summary_lines(report: dict) -> list[str]:
                  f"{c['top1_agreement']:.4f} ({c['agreeing']}/{c['compared']}; the original predicts "
                  f"{c['original_classes']} distinct class{'es' if c['original_classes'] != 1 else ''})")
     if c.get("original_classes") == 1 and c["compared"] > 1:
-        agreement += " -- one class for every input, so agreement says little: give real inputs with --inputs"
+        agreement += (" -- one class for every input, so agreement says little: give real inputs with --inputs"
+                      if c.get("random_inputs", True) else
+                      " -- all inputs got one class, so agreement says little about the other classes")
     lines = [
         f"model: {report['model']} + {report['weights']}"
         + (f" (upgraded by Caffe: {', '.join(upgraded)})" if upgraded else ""),
@@ -537,13 +554,16 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`clipq zoo`'s options (also sets the parser's description and epilog)."""
+    from clipq.cli import budget_arguments, nonnegative_float, positive_int, work_dir
+
     parser.description, parser.epilog = DESCRIPTION, EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", type=Path, required=True,
                         help="deploy prototxt (Input layer or old input fields; V1 'layers' is upgraded)")
     parser.add_argument("--weights", type=Path, required=True, help="its trained caffemodel (V1 is upgraded)")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="work and output directory (upgraded files, plan.yaml, model.clipq, reports)")
+    parser.add_argument("--out", type=work_dir, required=True,
+                        help="work and output directory (upgraded files, plan.yaml, model.clipq, reports); "
+                             "an existing one is reused")
     parser.add_argument("--list", action="store_true",
                         help="only list the compressible (Convolution / InnerProduct) layers: type, weight "
                              "shape, parameters and share of the net's parameters")
@@ -557,23 +577,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--train-val", type=Path,
                        help="train_val prototxt with LMDB Data layers (TRAIN subset for --search, TEST Accuracy "
                             "for --solver); layer names as in the deploy")
-    train.add_argument("--lam", type=float, default=10.0, help="lambda of Eq. 1 (default 10)")
-    train.add_argument("--iterations", type=int, default=50, help="search evaluations per layer (default 50)")
-    train.add_argument("--subset", type=int, default=5000,
+    train.add_argument("--lam", type=nonnegative_float, default=10.0, help="lambda of Eq. 1 (default 10)")
+    train.add_argument("--iterations", type=positive_int, default=50, help="search evaluations per layer (default 50)")
+    train.add_argument("--subset", type=positive_int, default=5000,
                        help="training images per search evaluation (<= 100, or a multiple of 100; default 5000)")
-    train.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel search processes")
+    train.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel search processes")
     train.add_argument("--solver", type=Path,
                        help="fine-tune with this solver (needs --train-val); default: no fine-tuning")
-    train.add_argument("--max-iter", type=int, help="fine-tuning iterations (default: the solver's max_iter)")
+    train.add_argument("--max-iter", type=positive_int, help="fine-tuning iterations (default: the solver's max_iter)")
     compare = parser.add_argument_group("comparison")
     compare.add_argument("--inputs", type=Path,
                          help=".npy of preprocessed inputs, N x C x H x W (.npz: one array per input blob); "
                               "default: random standard-normal inputs")
-    compare.add_argument("--batch", type=int, default=16,
+    compare.add_argument("--batch", type=positive_int, default=16,
                          help="inputs per forward pass; without --inputs, the number of random inputs (default 16)")
     compare.add_argument("--seed", type=int, default=0, help="seed of the random inputs and of the search")
-    from clipq.cli import budget_arguments
-
     budget_arguments(parser)
     parser.add_argument("--huffman", action="store_true", help="Huffman-code the .clipq streams")
     parser.add_argument("--format", choices=["text", "md", "json"], default="text", help="what to print")
