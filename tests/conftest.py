@@ -49,3 +49,26 @@ def random_caffemodel(deploy, path, std: float, seed: int = 0):
             blob.data[...] = rng.normal(0, std, blob.data.shape)
     net.save(str(path))
     return net
+
+
+SOLVER = ('net: "{net}"\nbase_lr: {lr}\nmomentum: 0.9\nweight_decay: 0.0005\nlr_policy: "fixed"\n'
+          'max_iter: {iters}\nsnapshot: 0\nsnapshot_prefix: "{prefix}"\nsolver_mode: CPU\nrandom_seed: 3\n')
+
+
+@pytest.fixture(scope="session")
+def trained_mlp(tmp_path_factory, fashion_mnist_slices) -> dict:
+    """A LeNet-300-100 trained 300 iterations on the Fashion-MNIST train slice: its train_val, weights, and a
+    fine-tuning solver (40 iterations, whose net and snapshot_prefix `clipq compress` replaces)."""
+    from clipq import nets, train
+
+    root = tmp_path_factory.mktemp("mlp")
+    data = nets.DataSpec(str(fashion_mnist_slices["train"]), str(fashion_mnist_slices["test"]), 64, 100,
+                         (100, 1, 28, 28), scale=1 / 256)
+    model = root / "train_val.prototxt"
+    model.write_text(str(nets.train_val("mlp", nets.lenet300_100_body, data)))
+    (root / "base_solver.prototxt").write_text(
+        SOLVER.format(net=model, lr=0.01, iters=300, prefix=root / "base" / "mlp"))
+    weights = train.train(root / "base_solver.prototxt", progress=False)
+    solver = root / "finetune.prototxt"
+    solver.write_text(SOLVER.format(net="replaced", lr=0.001, iters=40, prefix="replaced"))
+    return {"model": model, "weights": weights, "solver": solver, "root": root, "val": fashion_mnist_slices["val"]}

@@ -22,7 +22,7 @@ from typing import Callable
 
 import pytest
 
-from clipq import caffemodel, nets, train
+from clipq import caffemodel, train
 from clipq.errors import ClipqError
 from clipq.lock import LOCK_NAME, locked, output_directory
 from clipq.search import SearchSettings, search_layer
@@ -238,25 +238,12 @@ def test_sigkill_to_clipq_train_still_makes_caffe_snapshot_and_exit(tmp_path):
 
 # --- slow tier: kills at random moments, resumed; two runs on one --out ------------------------------
 
-SOLVER = ('net: "{net}"\nbase_lr: {lr}\nmomentum: 0.9\nweight_decay: 0.0005\nlr_policy: "fixed"\n'
-          'max_iter: {iters}\nsnapshot: 0\nsnapshot_prefix: "{prefix}"\nsolver_mode: CPU\nrandom_seed: 3\n')
 SEARCH = ["--iterations", "4", "--initial", "3", "--subset", "500", "--jobs", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def mlp(tmp_path_factory, fashion_mnist_slices):
-    """A LeNet-300-100 trained briefly on the Fashion-MNIST slice; the `clipq compress` arguments for it."""
-    root = tmp_path_factory.mktemp("mlp")
-    data = nets.DataSpec(str(fashion_mnist_slices["train"]), str(fashion_mnist_slices["test"]), 64, 100,
-                         (100, 1, 28, 28), scale=1 / 256)
-    model = root / "train_val.prototxt"
-    model.write_text(str(nets.train_val("mlp", nets.lenet300_100_body, data)))
-    (root / "base_solver.prototxt").write_text(
-        SOLVER.format(net=model, lr=0.01, iters=300, prefix=root / "base" / "mlp"))
-    weights = train.train(root / "base_solver.prototxt", progress=False)
-    solver = root / "finetune.prototxt"
-    solver.write_text(SOLVER.format(net="replaced", lr=0.001, iters=40, prefix="replaced"))
-    return {"model": model, "weights": weights, "solver": solver, "root": root}
+def mlp(trained_mlp):
+    return trained_mlp
 
 
 def search_command(mlp, out: Path) -> list[str]:

@@ -12,27 +12,17 @@ import pytest
 from clipq import nets, pipeline, train
 from clipq.errors import ClipqError
 from clipq.search import SearchSettings
+from conftest import SOLVER
 
-SOLVER = ('net: "{net}"\nbase_lr: {lr}\nmomentum: 0.9\nweight_decay: 0.0005\nlr_policy: "fixed"\n'
-          'max_iter: {iters}\nsnapshot: 0\nsnapshot_prefix: "{prefix}"\nsolver_mode: CPU\nrandom_seed: 3\n')
 QUIET = {"log": lambda message: None}
 
 
 @pytest.fixture(scope="module")
-def mlp(tmp_path_factory, fashion_mnist_slices):
-    """A LeNet-300-100 trained briefly on the train slice, and a fine-tuning solver."""
-    root = tmp_path_factory.mktemp("mlp")
-    data = nets.DataSpec(str(fashion_mnist_slices["train"]), str(fashion_mnist_slices["test"]), 64, 100,
-                         (100, 1, 28, 28), scale=1 / 256)
-    model = root / "train_val.prototxt"
-    model.write_text(str(nets.train_val("mlp", nets.lenet300_100_body, data)))
-    (root / "base_solver.prototxt").write_text(
-        SOLVER.format(net=model, lr=0.01, iters=300, prefix=root / "base" / "mlp"))
-    weights = train.train(root / "base_solver.prototxt", progress=False)
-    solver = root / "finetune.prototxt"
-    solver.write_text(SOLVER.format(net="replaced", lr=0.001, iters=40, prefix="replaced")
-                      + "test_iter: 3\ntest_interval: 1000\n")
-    return {"model": model, "weights": weights, "solver": solver, "val": fashion_mnist_slices["val"]}
+def mlp(trained_mlp, tmp_path_factory):
+    """The shared trained MLP with a fine-tuning solver that also tests (on --val when given)."""
+    solver = tmp_path_factory.mktemp("solver") / "finetune.prototxt"
+    solver.write_text(trained_mlp["solver"].read_text() + "test_iter: 3\ntest_interval: 1000\n")
+    return {**trained_mlp, "solver": solver}
 
 
 def config(mlp, out, **kwargs) -> pipeline.CompressConfig:
