@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from clipq import cli, size
+from clipq import cli, compressed_model, plan, size
 
 
 @pytest.mark.parametrize("n,text", [(140_000, "140 KB"), (9_120, "9.12 KB"), (1_800_000, "1.80 MB"),
@@ -50,3 +50,15 @@ def test_paper_comparison_needs_paper_sizes(repo, capsys):
                      "--plan", str(repo / "prototxt/lenet5/example_plan.yaml"), "--paper"])
     assert code == 2
     assert "has no paper_sizes" in capsys.readouterr().err
+
+
+def test_size_of_a_file_reports_its_measured_bytes_whatever_its_free_form_meta_says(repo, tmp_path, capsys):
+    from clipq import sparse_codec
+
+    data, layers = compressed_model.encode_model(repo / "prototxt/lenet5/deploy.prototxt", None,
+                                                 plan.load_plan(repo / "prototxt/lenet5/example_plan.yaml"))
+    path = tmp_path / "m.clipq"
+    path.write_bytes(sparse_codec.encode(layers, {"file_bytes": "x", "file": "elsewhere"}))
+    assert cli.main(["size", str(path), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["file_bytes"] == path.stat().st_size and doc["file"] == str(path)
