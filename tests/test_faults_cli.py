@@ -180,5 +180,5 @@ def test_a_write_failing_for_lack_of_space_is_one_line_and_leaves_nothing(assets
     proc = subprocess.run([sys.executable, "-m", "clipq", *argv], cwd=REPO, capture_output=True, text=True,
                           preexec_fn=_small_file_limit)
     assert proc.returncode == 2
-    assert re.fullmatch(r"clipq encode: .*File too large\n", proc.stderr)
+    assert re.fullmatch(r"clipq encode: .*m\.clipq: File too large\n", proc.stderr)
     assert files_under(tmp_path) == set()

@@ -32,6 +32,12 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if e.filename is None:  # a failed write (a full disk) names no file: name the output
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
