@@ -84,6 +84,8 @@ def test_an_unreachable_budget_is_reported_as_missed_and_keeps_the_smallest_drop
     assert budget["rounds"][1]["clipq_bytes"] > budget["rounds"][0]["clipq_bytes"]  # a miss moves to larger plans
     best = min(budget["rounds"], key=lambda r: r["val_drop"])
     assert budget["chosen"] == best["round"]
+    # no round met the budget, so every round started from the baseline weights, not from a failed round
+    assert "rounds/01/finetuned" not in (tmp_path / "rounds" / "02" / "finetune.log").read_text()
     assert "NO round met the budget" in (tmp_path / "report.md").read_text()
 
 

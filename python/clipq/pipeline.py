@@ -332,7 +332,8 @@ def _run_stages(config: CompressConfig, log) -> dict:
 
 def budget_rounds(config: CompressConfig, nets: Nets, baseline: dict, log) -> list[dict]:
     """Bisect the search's Lagrangian path (budget.py): each round fine-tunes one plan, warm-started from
-    the previous round's full-precision weights, and measures its decoded model on the validation LMDB."""
+    the full-precision weights of the smallest round that met the budget so far (the baseline before any),
+    and measures its decoded model on the validation LMDB."""
     layers = list(load_plan(config.out / "plan.yaml"))
     path = budget.lagrangian_path(search.read_histories(config.out, layers))
     candidates = budget.path_candidates(path)
@@ -349,7 +350,7 @@ def budget_rounds(config: CompressConfig, nets: Nets, baseline: dict, log) -> li
         plan_path = work / "plan.yaml"
         save_plan(candidate.plan, plan_path, extra={"origin": candidate.origin})
         log(f"[round {number}/{config.rounds}] {candidate.origin}, {100 * candidate.size:.2f}% of the float32 "
-            f"size; fine-tuning from {init if number == 1 else init.relative_to(config.out)}")
+            f"size; fine-tuning from {init.relative_to(config.out) if init.is_relative_to(config.out) else init}")
         result = compress_plan(config, nets, Stages(work), plan_path, init, log)
         drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
         met[candidate.key] = budget.meets(drop, config.max_drop, config.se_margin)
@@ -361,7 +362,10 @@ def budget_rounds(config: CompressConfig, nets: Nets, baseline: dict, log) -> li
         log(f"[round {number}] {result['clipq_bytes']:,} bytes, validation drop {drop.points:+.2f} "
             f"(+- {drop.se:.2f}) points: {'meets' if met[candidate.key] else 'misses'} the budget of "
             f"{config.max_drop:g}")
-        init = work / "finetuned.caffemodel"
+        if met[candidate.key] and all(result["clipq_bytes"] <= r["clipq_bytes"] for r in rounds if r["met"]):
+            # the next, smaller plans start from the smallest model that met the budget; never from one that
+            # missed it, whose weights adapted to a harsher plan than any that will follow
+            init = work / "finetuned.caffemodel"
     return rounds
 
 
