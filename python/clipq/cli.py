@@ -360,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "accuracies, sizes, stage times, search plots).",
                        epilog="With --max-drop POINTS and --val LMDB: the smallest model within POINTS top-1 on "
                               "the validation images. Each round fine-tunes one plan of the search's lambda path "
-                              "(warm-started from the previous round), decodes it and measures it on --val; the "
-                              "rounds bisect the path. Rounds live in OUT/rounds/NN/; the chosen one is copied to "
+                              "(warm-started from the smallest round that met the budget so far), decodes it and "
+                              "measures it on --val; the rounds bisect the path. Rounds live in OUT/rounds/NN/; the chosen one is copied to "
                               "OUT/final_model.clipq, final_decoded.caffemodel, final_plan.yaml; report.md has "
                               "every round and plots/budget.png. Exit 1 if no round met the budget.\n\n"
                               "Resumable: each stage is skipped when its outputs exist and its inputs (files, "
