@@ -21,17 +21,14 @@ Interrupted and concurrent runs (kills of search / compress, two runs on one --o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import tempfile
 import time
-import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -134,19 +131,6 @@ def make_inputs(root: Path) -> dict[str, str]:
 
 # --- damaged .clipq files ----------------------------------------------------------------------
 
-def header_of(data: bytes) -> dict:
-    (length,) = struct.unpack("<I", data[12:16])
-    return json.loads(zlib.decompress(data[20:20 + length]))
-
-
-def with_header(data: bytes, header: dict, version: int | None = None) -> bytes:
-    """`data` with `header` in place of its own and the header CRC recomputed: a careful hand edit."""
-    (length,) = struct.unpack("<I", data[12:16])
-    packed = zlib.compress(json.dumps(header).encode())
-    fixed_version = data[8:12] if version is None else struct.pack("<I", version)
-    return data[:8] + fixed_version + struct.pack("<II", len(packed), zlib.crc32(packed)) + packed + data[20 + length:]
-
-
 def _layer(name):
     return lambda header: next(entry for entry in header["layers"] if entry["name"] == name)
 
@@ -185,7 +169,7 @@ EDITS = {
 def damaged_files(data: bytes, quick: bool) -> list[tuple[str, str, bytes]]:
     """(category, name, bytes) of the damaged copies of a `.clipq` file."""
     rng = np.random.default_rng(0)
-    head = sparse_codec.read_header(data)[1]  # fixed part + header
+    header, head = sparse_codec.read_header(data)  # head: bytes of the fixed part + header
     flips = 20 if quick else 64
     bits = np.concatenate([rng.choice(head * 8, flips // 2, replace=False),
                            rng.choice(np.arange(head * 8, len(data) * 8), flips - flips // 2, replace=False)])
@@ -194,7 +178,6 @@ def damaged_files(data: bytes, quick: bool) -> list[tuple[str, str, bytes]]:
         flipped = bytearray(data)
         flipped[bit // 8] ^= 1 << (bit % 8)
         out.append(("clipq: bit flips", f"bit {bit}", bytes(flipped)))
-    header = header_of(data)
     ends = sorted({head + e["offset"] + d for e in header["layers"] for d in (0, 1, e["length"] - 1)})
     lengths = [0, 1, 7, 8, 12, 16, 19, 20, head // 2, head - 1] + ends + [len(data) - 1]
     lengths = sorted(set(lengths))[::3 if quick else 1]
@@ -202,12 +185,13 @@ def damaged_files(data: bytes, quick: bool) -> list[tuple[str, str, bytes]]:
     extras = {"a newline": b"\n", "16 random bytes": rng.bytes(16), "4096 zeros": bytes(4096), "the file again": data}
     out += [("clipq: appended bytes", name, data + extra) for name, extra in list(extras.items())[:2 if quick else 4]]
     for name, edit in list(EDITS.items())[::3 if quick else 1]:
-        edited = header_of(data)
+        edited = sparse_codec.read_header(data)[0]
         edit(edited)
-        out.append(("clipq: header edits, CRC redone", name, with_header(data, edited)))
-    downgraded = header_of(data)
+        out.append(("clipq: header edits, CRC redone", name, sparse_codec.replace_header(data, edited)))
+    downgraded = sparse_codec.read_header(data)[0]
     downgraded["version"] = 1
-    out.append(("clipq: header edits, CRC redone", "version 1", with_header(data, downgraded, version=1)))
+    out.append(("clipq: header edits, CRC redone", "version 1",
+                sparse_codec.replace_header(data, downgraded, version=1)))
     return out
 
 

@@ -374,9 +374,20 @@ def encode(layers: list[Layer], meta: dict | None = None, use_huffman: bool = Fa
     header = {"format": "clipq", "version": FORMAT_VERSION, "huffman": use_huffman, "meta": meta or {},
               "layers": entries}
     check_header(header, FORMAT_VERSION, offset, "cannot write a .clipq")  # what is written can be read
+    return frame(header) + b"".join(payloads)
+
+
+def frame(header: dict, version: int = FORMAT_VERSION) -> bytes:
+    """Everything before the payload: magic, version, the header's length and CRC, the zlib-compressed JSON."""
     packed = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    return (MAGIC + struct.pack("<III", FORMAT_VERSION, len(packed), zlib.crc32(packed)) + packed
-            + b"".join(payloads))
+    return MAGIC + struct.pack("<III", version, len(packed), zlib.crc32(packed)) + packed
+
+
+def replace_header(data: bytes, header: dict, version: int | None = None, source: str = "file") -> bytes:
+    """The file `data` with `header` (and `version`, if given) in place of its own, the payload kept and the
+    header CRC recomputed. Nothing is checked: this is how the fault tests make careful hand edits."""
+    old_version, header_len, _ = _fixed_part(data, source)
+    return frame(header, old_version if version is None else version) + data[FIXED_BYTES + header_len:]
 
 
 def _fixed_part(data: bytes, source: str) -> tuple[int, int, int]:
