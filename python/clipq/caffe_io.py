@@ -85,31 +85,27 @@ def read_net_param(prototxt: str | os.PathLike):
     return read_text_proto(prototxt, "NetParameter", "net prototxt")
 
 
+def require_files(*paths: str | os.PathLike) -> None:
+    """A clear error for the first of `paths` that is not a file."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise ClipqError(f"{path}: file not found")
+
+
 def test_iterations(net_param, phase_name: str = "TEST") -> int:
     """Iterations that cover a TEST-phase Data layer's LMDB once (entries / batch_size, rounded up)."""
-    import lmdb
-
-    pb2 = caffe_pb2()
-    phase = pb2.Phase.Value(phase_name)
+    phase = caffe_pb2().Phase.Value(phase_name)
     for layer in net_param.layer:
         if layer.type != "Data" or not all(rule.phase == phase for rule in layer.include):
             continue
-        source, batch = layer.data_param.source, layer.data_param.batch_size
-        try:
-            env = lmdb.open(source, readonly=True, lock=False, subdir=True)
-        except lmdb.Error as e:
-            raise ClipqError(f"layer '{layer.name}': cannot open data_param.source {source!r} ({e})") from None
-        entries = env.stat()["entries"]
-        env.close()
-        return -(-entries // batch)
+        entries = lmdb_entries(layer.data_param.source, f"LMDB of layer '{layer.name}' (data_param.source)")
+        return -(-entries // layer.data_param.batch_size)
     raise ClipqError(f"net '{net_param.name}' has no {phase_name}-phase Data layer to evaluate on")
 
 
 def evaluate(prototxt: str | os.PathLike, weights: str | os.PathLike, iterations: int | None = None) -> dict:
     """Run a train_val net in TEST phase over its test set; return the mean of each scalar output."""
-    for f in (prototxt, weights):
-        if not Path(f).is_file():
-            raise ClipqError(f"{f}: file not found")
+    require_files(prototxt, weights)
     if iterations is None:
         iterations = test_iterations(read_net_param(prototxt))
     cf = caffe()
@@ -172,9 +168,7 @@ def correct_per_image(prototxt: str | os.PathLike, weights: str | os.PathLike) -
     Every image counts once (the last batch's wrap-around is cut off), so two models compared on the
     same LMDB are compared image by image.
     """
-    for f in (prototxt, weights):
-        if not Path(f).is_file():
-            raise ClipqError(f"{f}: file not found")
+    require_files(prototxt, weights)
     net_param = read_net_param(prototxt)
     data = test_data_layer(net_param, str(prototxt))
     entries = lmdb_entries(data.data_param.source, f"LMDB of layer '{data.name}'")

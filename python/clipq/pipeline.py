@@ -105,7 +105,7 @@ class CompressConfig:
             if not plan:
                 raise ClipqError(f"{self.plan}: the plan names no layer to compress (--plan)")
         solver = caffe_io.read_text_proto(self.solver, "SolverParameter", "solver prototxt")
-        if (self.max_iter or solver.max_iter) <= 0:
+        if (solver.max_iter if self.max_iter is None else self.max_iter) <= 0:
             raise ClipqError(f"{self.solver}: max_iter must be positive (or give --max-iter)")
 
 
@@ -160,9 +160,7 @@ def finetune_solver(config: CompressConfig, net: Path, work: Path, val_entries: 
     param.snapshot_prefix = str((work / "finetune" / "clipq").resolve())
     param.random_seed = config.settings.seed
     if config.max_iter is not None:
-        param.max_iter = config.max_iter
-    if param.max_iter <= 0:
-        raise ClipqError(f"{config.solver}: max_iter must be positive")
+        param.max_iter = config.max_iter  # positive: CompressConfig.check_inputs
     if val_entries is not None and len(param.test_iter):
         batch = caffe_io.test_data_layer(caffe_io.read_net_param(net), str(net)).data_param.batch_size
         del param.test_iter[:]

@@ -110,9 +110,14 @@ def layer_log(out: Path, layer: str) -> Path:
     return out / "search" / (layer.replace("/", "__") + ".jsonl")
 
 
+def _log_lines(path: Path) -> list[dict]:
+    """A log's JSON lines: its header, then one per evaluation (none if there is no log)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def read_log(path: Path, layer: str, settings: SearchSettings, model_id: str, data: str = "") -> list[Evaluation]:
     """Evaluations logged so far (none if no log); refuse a log made with other settings, weights or data."""
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = _log_lines(path)
     if not lines:
         return []
     head = lines[0]
@@ -311,11 +316,7 @@ def job_layer_index(job: SearchJob, name: str) -> int:
 
 def read_histories(out: Path, layers: list[str]) -> dict[str, list[Evaluation]]:
     """The logged evaluations of finished layer searches under `out` (logs checked when they were made)."""
-    histories = {}
-    for name in layers:
-        lines = [line for line in layer_log(Path(out), name).read_text().splitlines() if line.strip()]
-        histories[name] = [Evaluation(**json.loads(line)) for line in lines[1:]]
-    return histories
+    return {name: [Evaluation(**entry) for entry in _log_lines(layer_log(Path(out), name))[1:]] for name in layers}
 
 
 def load_histories(job: SearchJob, layers: list[str]) -> dict[str, list[Evaluation]]:
