@@ -239,9 +239,10 @@ def _conv_output(shape: Shape, param) -> Shape:
     axis = param.axis % len(shape)
     spatial = shape[axis + 1:]
     n = len(spatial)
-    kernel = [param.kernel_h, param.kernel_w] if param.kernel_h else _spatial(param.kernel_size, n, 1)
-    pad = [param.pad_h, param.pad_w] if param.pad_h or param.pad_w else _spatial(param.pad, n, 0)
-    stride = [param.stride_h, param.stride_w] if param.stride_h else _spatial(param.stride, n, 1)
+    # has_*_h as Caffe asks it: the rc3 fallback's proto gives stride_h a default of 1
+    kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else _spatial(param.kernel_size, n, 1)
+    pad = [param.pad_h, param.pad_w] if param.HasField("pad_h") else _spatial(param.pad, n, 0)
+    stride = [param.stride_h, param.stride_w] if param.HasField("stride_h") else _spatial(param.stride, n, 1)
     dilation = _spatial(param.dilation, n, 1)
     out = []
     for size, k, p, s, d in zip(spatial, kernel, pad, stride, dilation):
@@ -255,10 +256,11 @@ def _pool_output(shape: Shape, param) -> Shape:
         return shape
     if param.global_pooling:
         return shape[:2] + (1, 1)
-    kernel = [param.kernel_h, param.kernel_w] if param.kernel_h else [param.kernel_size] * 2
-    pad = [param.pad_h, param.pad_w] if param.pad_h or param.pad_w else [param.pad] * 2
-    stride = [param.stride_h, param.stride_w] if param.stride_h else [param.stride] * 2
-    floor = param.round_mode == caffe_io.caffe_pb2().PoolingParameter.FLOOR
+    kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else [param.kernel_size] * 2
+    pad = [param.pad_h, param.pad_w] if param.HasField("pad_h") else [param.pad] * 2
+    stride = [param.stride_h, param.stride_w] if param.HasField("stride_h") else [param.stride] * 2
+    # BVLC master has round_mode (CEIL by default); the rc3 fallback build has no such field and always rounds up
+    floor = getattr(param, "round_mode", None) == getattr(caffe_io.caffe_pb2().PoolingParameter, "FLOOR", -1)
     out = []
     for size, k, p, s in zip(shape[2:], kernel, pad, stride):
         pooled = int((math.floor if floor else math.ceil)((size + 2 * p - k) / s)) + 1
@@ -287,7 +289,7 @@ def _weight_shapes(kind: str, param, bottom: Shape) -> list[Shape]:
     axis = param.axis % len(bottom)
     if kind == "Convolution":
         n = len(bottom) - axis - 1
-        kernel = [param.kernel_h, param.kernel_w] if param.kernel_h else _spatial(param.kernel_size, n, 1)
+        kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else _spatial(param.kernel_size, n, 1)
         weights = (param.num_output, bottom[axis] // (param.group or 1), *kernel)
     else:
         inputs = math.prod(bottom[axis:])
