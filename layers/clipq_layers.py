@@ -1,45 +1,68 @@
-"""CLIP-Q Caffe Python layers: drop-in `ClipQConvolution` and `ClipQInnerProduct`.
+"""clipq's Caffe Python layers: CLIP-Q's `ClipQConvolution` / `ClipQInnerProduct`, and the baselines'.
 
     layer { name: "conv1" type: "Python" bottom: "data" top: "conv1"
             param { lr_mult: 1 } param { lr_mult: 2 }
             python_param { module: "clipq_layers" layer: "ClipQConvolution"
                            param_str: '{"p": 0.2, "bits": 8, "convolution_param": {"num_output": 20, ...}}' } }
 
-(`clipq convert` writes these from a plain prototxt and a (p, b) plan.) Blobs are those of Caffe's
-layer: blobs[0] = full-precision weights, blobs[1] = bias, same shapes, so `--weights plain.caffemodel`,
-snapshots and `--snapshot` resume work unchanged. Every forward recomputes the quantized weights from
-the full-precision ones (CLIP-Q section 3.1) and runs Caffe's own layer with them; backward runs
-Caffe's own backward and adds the weight gradient to the full-precision weights (straight-through),
-so the solver's momentum, weight decay and lr policy apply to them and pruned weights can come back.
-The bias is not quantized. A layer whose input needs no gradient (a first layer) stops computing it.
+(`clipq convert` writes these from a plain prototxt and a (p, b) plan; `clipq compare` writes the
+baselines'.) Every layer wraps Caffe's own Convolution / InnerProduct: each forward computes the weights
+the method uses from the layer's blobs and runs Caffe's layer with them; backward runs Caffe's backward
+and hands the weight gradient to the method, which adds it (as Caffe's layers do) to its learnable blob.
+The bias is never compressed.
+
+| kind     | blobs                                   | forward weights        | learnable weights' gradient          |
+|----------|-----------------------------------------|------------------------|--------------------------------------|
+| ClipQ    | W, bias                                 | clip_quantize(W; p, b) | all of it (straight-through, CLIP-Q) |
+| Masked   | W, bias, mask                           | W * mask               | masked (fixed mask: DC, sequential)  |
+| Shared   | codebook, bias, codes                   | codebook[codes]        | summed per centroid (DC eq. 3)       |
+| Surgery  | W, bias, mask T, [iteration, mu, sigma] | W * T; T updated (DNS) | all of it (pruned weights splice back) |
+| LC       | W, bias, theta, lambda                  | W                      | + mu (W - theta) - lambda (LC L step) |
+
+State blobs (after W and bias) have lr_mult 0 and decay_mult 0: the solver never touches them, snapshots
+and caffemodels keep them. Blobs 0 and 1 of ClipQ, Masked, Surgery and LC are Caffe's own, so their
+weights are in Caffe's shapes. A layer whose input needs no gradient (a first layer) stops computing it.
 """
 
 import caffe
+import numpy as np
 
-from clipq import caffe_io, prune_quant
+from clipq import caffe_io, deep_compression, lc_prune, prune_quant, surgery
 from clipq._kernels import add_and_clear
-from clipq.plan import WRAPPED, LayerConfig
+from clipq.plan import WRAPPED, LayerConfig, WrappedParam
 
 
-class _ClipQLayer(caffe.Layer):
+class _WrappedLayer(caffe.Layer):
+    """Caffe's layer of WRAPPED_TYPE run on the weights `forward_weights` computes."""
+
     WRAPPED_TYPE = ""
+    KIND = ""
+    OPTIONS: tuple[str, ...] = ()
 
     def setup(self, bottom, top):
         from google.protobuf import json_format
 
         if len(bottom) != 1 or len(top) != 1:
             raise ValueError(f"{type(self).__name__} takes one bottom and one top, got {len(bottom)} and {len(top)}")
-        self.cfg = LayerConfig.from_param_str(self.param_str, self.WRAPPED_TYPE)
+        self.parse(self.param_str)
         self.field = WRAPPED[self.WRAPPED_TYPE]
         self.message = getattr(caffe_io.caffe_pb2().LayerParameter(), self.field)
         try:
-            json_format.ParseDict(self.cfg.param, self.message)
+            json_format.ParseDict(self.wrapped.param, self.message)
         except json_format.ParseError as e:
-            raise ValueError(f"CLIP-Q layer '{self.cfg.name}': bad {self.field} in param_str: {e}") from None
+            raise ValueError(f"{self.KIND} layer '{self.wrapped.name}': bad {self.field} in param_str: {e}") from None
         self.inner = self._inner_net(bottom[0].data.shape, input_grad=True)
-        for blob in self.inner.params:  # the filler's initial values; --weights overwrites them
-            self.blobs.add_blob(*blob.data.shape)
-            self.blobs[-1].data[...] = blob.data
+        for array in self.initial_blobs([blob.data for blob in self.inner.params]):
+            self.blobs.add_blob(*array.shape)  # --weights and snapshots overwrite these
+            self.blobs[-1].data[...] = array
+
+    def parse(self, text: str) -> None:
+        self.wrapped = WrappedParam.from_param_str(text, self.WRAPPED_TYPE, self.OPTIONS, self.KIND)
+        self.options = self.wrapped.options
+
+    def initial_blobs(self, inner: list[np.ndarray]) -> list[np.ndarray]:
+        """The layer's blobs before any weights are loaded: the filler's weights and bias by default."""
+        return [np.array(a) for a in inner]
 
     def _inner_net(self, shape, input_grad: bool) -> caffe_io.SingleLayerNet:
         return caffe_io.SingleLayerNet(self.WRAPPED_TYPE, self.field, self.message, shape, self.phase, input_grad)
@@ -49,10 +72,18 @@ class _ClipQLayer(caffe.Layer):
 
     def forward(self, bottom, top):
         weights = self.inner.params
-        prune_quant.clip_quantize(self.blobs[0].data, self.cfg.p, self.cfg.bits, out=weights[0].data)
+        self.forward_weights(weights[0].data)
         if len(weights) > 1:
-            weights[1].data[...] = self.blobs[1].data  # the bias is not quantized
+            weights[1].data[...] = self.blobs[1].data  # the bias is not compressed
         top[0].data[...] = self.inner.forward(bottom[0].data)
+
+    def forward_weights(self, out: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def weight_gradient(self, grad: np.ndarray) -> None:
+        """Add the gradient of the forward weights to the learnable blob, and clear `grad` (the inner
+        blob's diff: Caffe's backward accumulates into it)."""
+        raise NotImplementedError
 
     def backward(self, top, propagate_down, bottom):
         if self.inner.input_grad and not propagate_down[0]:
@@ -62,23 +93,115 @@ class _ClipQLayer(caffe.Layer):
         else:
             next_inner = None
         dx = self.inner.backward(top[0].diff)
-        # Straight-through: the quantized weights' gradient goes to the full-precision weights (adding,
-        # as Caffe's layers do); the inner ones are cleared because Caffe's backward accumulates into them.
-        for outer, inner in zip(self.blobs, self.inner.params):
-            add_and_clear(outer.diff, inner.diff)
+        params = self.inner.params
+        self.weight_gradient(params[0].diff)
+        if len(params) > 1:
+            add_and_clear(self.blobs[1].diff, params[1].diff)
         if propagate_down[0]:
             bottom[0].diff[...] = dx
         if next_inner is not None:
             self.inner = next_inner
 
 
-class ClipQConvolution(_ClipQLayer):
-    """Caffe `Convolution` whose forward uses clip_quantize(W; p, bits), recomputed every minibatch."""
+class _ClipQ(_WrappedLayer):
+    KIND = "CLIP-Q"
 
-    WRAPPED_TYPE = "Convolution"
+    def parse(self, text: str) -> None:
+        self.cfg = LayerConfig.from_param_str(text, self.WRAPPED_TYPE)
+        self.wrapped = WrappedParam(self.cfg.type, self.cfg.param, self.cfg.name)
+
+    def forward_weights(self, out):
+        prune_quant.clip_quantize(self.blobs[0].data, self.cfg.p, self.cfg.bits, out=out)
+
+    def weight_gradient(self, grad):
+        add_and_clear(self.blobs[0].diff, grad)  # straight-through: pruned weights may come back
 
 
-class ClipQInnerProduct(_ClipQLayer):
-    """Caffe `InnerProduct` whose forward uses clip_quantize(W; p, bits), recomputed every minibatch."""
+class _Masked(_WrappedLayer):
+    KIND = "Masked"
 
-    WRAPPED_TYPE = "InnerProduct"
+    def initial_blobs(self, inner):
+        return [np.array(a) for a in inner] + [np.ones(inner[0].shape, np.float32)]
+
+    def forward_weights(self, out):
+        np.multiply(self.blobs[0].data, self.blobs[-1].data, out=out)
+
+    def weight_gradient(self, grad):
+        grad *= self.blobs[-1].data
+        add_and_clear(self.blobs[0].diff, grad)
+
+
+class _Shared(_WrappedLayer):
+    KIND = "Shared"
+    OPTIONS = ("bits",)
+
+    def initial_blobs(self, inner):
+        levels = 2 ** int(self.options["bits"]) - 1
+        return [np.zeros(levels, np.float32)] + [np.array(a) for a in inner[1:]] + [np.zeros(inner[0].shape, np.float32)]
+
+    def forward_weights(self, out):
+        out[...] = deep_compression.shared(self.blobs[-1].data, self.blobs[0].data)
+
+    def weight_gradient(self, grad):
+        codebook = self.blobs[0]
+        codebook.diff[...] += deep_compression.centroid_gradient(grad, self.blobs[-1].data, codebook.data.size)
+        grad[...] = 0
+
+
+class _Surgery(_WrappedLayer):
+    KIND = "Surgery"
+    OPTIONS = ("c_rate", "iter_stop", "gamma", "power", "seed")
+
+    def parse(self, text):
+        super().parse(text)
+        self.rng = np.random.default_rng(int(self.options.get("seed", 0)))
+
+    def initial_blobs(self, inner):
+        return [np.array(a) for a in inner] + [np.ones(inner[0].shape, np.float32), np.zeros(3, np.float32)]
+
+    def forward_weights(self, out):
+        mask, state = self.blobs[-2].data, self.blobs[-1].data
+        if self.phase == caffe.TRAIN:  # the TEST net shares these blobs: it only reads them
+            iteration = int(state[0])
+            chance = surgery.surgery_probability(iteration, float(self.options.get("gamma", surgery.GAMMA)),
+                                                 float(self.options.get("power", surgery.POWER)))
+            if iteration < int(self.options["iter_stop"]) and self.rng.random() < chance:
+                t = surgery.threshold(float(state[1]), float(state[2]), float(self.options["c_rate"]))
+                mask[...] = surgery.update_mask(self.blobs[0].data, mask, t)
+            state[0] = iteration + 1
+        np.multiply(self.blobs[0].data, mask, out=out)
+
+    def weight_gradient(self, grad):
+        add_and_clear(self.blobs[0].diff, grad)  # every weight learns: a pruned one can be spliced back
+
+
+class _LC(_WrappedLayer):
+    KIND = "LC"
+    OPTIONS = ("mu",)
+
+    def initial_blobs(self, inner):
+        return [np.array(a) for a in inner] + [np.zeros(inner[0].shape, np.float32)] * 2
+
+    def forward_weights(self, out):
+        out[...] = self.blobs[0].data
+
+    def weight_gradient(self, grad):
+        w = self.blobs[0]
+        grad += lc_prune.penalty_gradient(w.data, self.blobs[-2].data, self.blobs[-1].data, float(self.options["mu"]))
+        add_and_clear(w.diff, grad)
+
+
+def _concrete(kind_class, wrapped_type):
+    return type(f"{kind_class.__name__[1:]}{wrapped_type}", (kind_class,), {"WRAPPED_TYPE": wrapped_type})
+
+
+ClipQConvolution = _concrete(_ClipQ, "Convolution")
+ClipQInnerProduct = _concrete(_ClipQ, "InnerProduct")
+MaskedConvolution = _concrete(_Masked, "Convolution")
+MaskedInnerProduct = _concrete(_Masked, "InnerProduct")
+SharedConvolution = _concrete(_Shared, "Convolution")
+SharedInnerProduct = _concrete(_Shared, "InnerProduct")
+SurgeryConvolution = _concrete(_Surgery, "Convolution")
+SurgeryInnerProduct = _concrete(_Surgery, "InnerProduct")
+LCConvolution = _concrete(_LC, "Convolution")
+LCInnerProduct = _concrete(_LC, "InnerProduct")

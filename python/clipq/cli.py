@@ -215,6 +215,17 @@ def budget_exit(report: dict, command: str) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from clipq import compare, pipeline
+
+    cc = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, None, _settings(args), args.jobs,
+                                 args.max_iter, False, not args.no_progress, val=args.val)
+    config = compare.CompareConfig(cc, tuple(args.targets), args.matched, tuple(args.methods), args.lc_steps)
+    compare.run(config, log=lambda msg: print(msg, file=sys.stderr))
+    print((args.out / "compare.md").read_text())
+    return 0
+
+
 def _summary(args) -> int:
     from clipq import summary
 
@@ -384,6 +395,43 @@ def build_parser() -> argparse.ArgumentParser:
     _search_arguments(p)
     budget_arguments(p)
     p.set_defaults(func=_compress)
+
+    from clipq.compare import METHODS
+
+    p = sub.add_parser("compare", help="CLIP-Q next to Deep Compression, DNS, LC pruning, the sequential ablation "
+                                       "and uniform CLIP-Q: same baseline, solver, iterations and codec",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="The paper's comparison (Table 4) on your net: the baseline and the search run "
+                                   "as in `clipq compress` (search on --val); CLIP-Q runs at the plans of the "
+                                   "search's lambda path nearest --targets; every other method runs at the sizes of "
+                                   "CLIP-Q's --matched smallest points (Deep Compression also at its paper's LeNet "
+                                   "setting). Every method fine-tunes the solver's max_iter iterations in all (a "
+                                   "two-phase method runs the schedule compressed into each half) with real "
+                                   "`caffe train`, is stored as a .clipq file, decoded and evaluated on the TEST "
+                                   "set. Writes OUT/compare.md, compare.json and plots/compare.png; every run is "
+                                   "under OUT/runs/ and resumable.",
+                       epilog="example (what `make compare` runs for LeNet-5):\n"
+                              "  clipq compare --model prototxt/lenet5/train_val.prototxt \\\n"
+                              "      --weights cache/models/lenet5_fashion_mnist_55k.caffemodel \\\n"
+                              "      --solver solvers/lenet5_clipq_solver.prototxt --out cache/compare/lenet5 \\\n"
+                              "      --val cache/data/fashion_mnist/val_lmdb --lam 1000")
+    p.add_argument("--model", type=Path, required=True, help="plain train_val prototxt (LMDB Data layers, Accuracy)")
+    p.add_argument("--weights", type=Path, required=True, help="trained plain caffemodel")
+    p.add_argument("--solver", type=Path, required=True, help="fine-tuning solver prototxt (every method's)")
+    p.add_argument("--out", type=work_dir, required=True, help="work and output directory; an existing one is resumed")
+    p.add_argument("--val", type=Path, required=True, metavar="LMDB",
+                   help="held-out validation LMDB: the search's error and every fine-tuning's monitor")
+    p.add_argument("--targets", type=positive_float, nargs="+", default=[30.0, 60.0, 120.0], metavar="RATE",
+                   help="compression rates CLIP-Q's operating points are chosen near (default 30 60 120)")
+    p.add_argument("--matched", type=positive_int, default=2,
+                   help="the baselines run at the sizes of this many of CLIP-Q's smallest points (default 2)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                   help=f"methods to run (default all: {' '.join(METHODS)})")
+    p.add_argument("--lc-steps", type=positive_int, default=5, help="LC's L steps (default 5)")
+    p.add_argument("--max-iter", type=positive_int, help="fine-tuning iterations per method (default: the solver's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _search_arguments(p)
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("summary", help="several compress runs (e.g. seeds) as one table: mean (min .. max)",
                        description="Read OUT/report.json of each `clipq compress` run and print, per net, the mean "

@@ -11,16 +11,33 @@ quantized ones (computed with the same operator), loadable with the original dep
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipq import caffe_io, prune_quant
 from clipq.atomic import atomic_write
 from clipq.errors import ClipqError
-from clipq.plan import WRAPPED, LayerConfig, LayerPlan
+from clipq.plan import WRAPPED, LayerConfig, LayerPlan, WrappedParam
 
 LAYER_MODULE = "clipq_layers"
+# The kinds of Python layer in layers/clipq_layers.py; each wraps Convolution and InnerProduct
+# (class "<kind><type>", e.g. MaskedConvolution): CLIP-Q's and the baselines' (compare.py).
+LAYER_KINDS = ("ClipQ", "Masked", "Shared", "Surgery", "LC")
 LAYER_CLASS = {"Convolution": "ClipQConvolution", "InnerProduct": "ClipQInnerProduct"}
 CLASS_TYPE = {cls: t for t, cls in LAYER_CLASS.items()}
+METHOD_CLASS_TYPE = {f"{kind}{t}": t for kind in LAYER_KINDS for t in WRAPPED}
+
+
+@dataclass(frozen=True)
+class LayerRole:
+    """How a compression method runs one layer in Caffe: the kind of Python layer, the options written
+    into its param_str, and how many state blobs (masks, codes, ...) follow the layer's own blobs; state
+    blobs get `param { lr_mult: 0 decay_mult: 0 }` so the solver never changes them, and they live in
+    snapshots and caffemodels like weights (so they survive `--snapshot` resume)."""
+
+    kind: str
+    options: dict = field(default_factory=dict)
+    state_blobs: int = 0
 
 
 def compressible_layers(net_param) -> list[str]:
@@ -54,23 +71,37 @@ def check_plan(net_param, plan: dict[str, LayerPlan], source: str = "net") -> No
 def to_clipq(net_param, plan: dict[str, LayerPlan], source: str = "net"):
     """The same net with the plan's layers replaced by CLIP-Q Python layers (a new NetParameter)."""
     check_plan(net_param, plan, source)
+    return to_method_net(net_param, {name: LayerRole("ClipQ", {"p": float(lp.p), "bits": int(lp.bits)})
+                                     for name, lp in plan.items()})
+
+
+def to_method_net(net_param, roles: dict[str, LayerRole]):
+    """The same net with the named Convolution / InnerProduct layers replaced by the roles' Python layers."""
     out = caffe_io.caffe_pb2().NetParameter()
     out.CopyFrom(net_param)
     for layer in out.layer:
-        if layer.name in plan:
-            _make_clipq_layer(layer, plan[layer.name])
+        if layer.name in roles:
+            _make_python_layer(layer, roles[layer.name])
     return out
 
 
-def _make_clipq_layer(layer, lp: LayerPlan) -> None:
+def _own_blobs(layer) -> int:
+    return 2 if getattr(layer, WRAPPED[layer.type]).bias_term else 1
+
+
+def _make_python_layer(layer, role: LayerRole) -> None:
     from google.protobuf import json_format
 
     field = WRAPPED[layer.type]
     wrapped = json_format.MessageToDict(getattr(layer, field), preserving_proto_field_name=True)
-    config = LayerConfig(float(lp.p), int(lp.bits), layer.type, wrapped, layer.name)
+    if role.state_blobs:
+        while len(layer.param) < _own_blobs(layer):
+            layer.param.add()  # Caffe's defaults, spelled out so the state blobs' entries line up
+        for _ in range(role.state_blobs):
+            layer.param.add(lr_mult=0, decay_mult=0)
     layer.python_param.module = LAYER_MODULE
-    layer.python_param.layer = LAYER_CLASS[layer.type]
-    layer.python_param.param_str = config.to_param_str()
+    layer.python_param.layer = f"{role.kind}{layer.type}"
+    layer.python_param.param_str = WrappedParam(layer.type, wrapped, layer.name, role.options).to_param_str()
     layer.ClearField(field)
     layer.type = "Python"
 

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from clipq import budget, caffe_io, compressed_model, convert, search, train
+from clipq import budget, caffe_io, caffemodel, compressed_model, convert, search, sparse_codec, train
 from clipq import report as reporting
 from clipq.atomic import atomic_write
 from clipq.errors import ClipqError
@@ -151,9 +151,25 @@ def absolute_sources(net_param, base: Path) -> None:
             layer.data_param.source = str((base / layer.data_param.source).resolve())
 
 
-def finetune_solver(config: CompressConfig, net: Path, work: Path, val_entries: int | None) -> Path:
+def scale_schedule(param, share: float) -> None:
+    """Shrink a solver's iteration schedule (max_iter, lr steps, test and snapshot intervals) to `share` of
+    it: a method's phase runs the solver's schedule compressed into its part of the iterations."""
+    if share == 1.0:
+        return
+    param.max_iter = max(1, round(param.max_iter * share))
+    for name in ("stepsize", "test_interval", "snapshot"):
+        if param.HasField(name) and getattr(param, name) > 0:
+            setattr(param, name, max(1, round(getattr(param, name) * share)))
+    steps = [max(1, round(v * share)) for v in param.stepvalue]
+    del param.stepvalue[:]
+    param.stepvalue.extend(steps)
+
+
+def finetune_solver(config: CompressConfig, net: Path, work: Path, val_entries: int | None,
+                    share: float = 1.0) -> Path:
     """The user's solver pointed at the CLIP-Q net, snapshotting under work/finetune/, seeded by the
-    search's seed; with validation data, its periodic test (if any) covers the validation LMDB once."""
+    search's seed; with validation data, its periodic test (if any) covers the validation LMDB once.
+    `share` < 1: a phase with that part of the iterations (`scale_schedule`)."""
     param = caffe_io.read_text_proto(config.solver, "SolverParameter", "solver prototxt")
     param.net = str(net.resolve())
     param.ClearField("train_net")
@@ -161,6 +177,7 @@ def finetune_solver(config: CompressConfig, net: Path, work: Path, val_entries: 
     param.random_seed = config.settings.seed
     if config.max_iter is not None:
         param.max_iter = config.max_iter  # positive: CompressConfig.check_inputs
+    scale_schedule(param, share)
     if val_entries is not None and len(param.test_iter):
         batch = caffe_io.test_data_layer(caffe_io.read_net_param(net), str(net)).data_param.batch_size
         del param.test_iter[:]
@@ -168,7 +185,8 @@ def finetune_solver(config: CompressConfig, net: Path, work: Path, val_entries: 
     path = work / "finetune_solver.prototxt"
     with atomic_write(path) as f:
         f.write(f"# {config.solver} for `clipq compress` (net, snapshot_prefix, random_seed"
-                f"{', test_iter' if val_entries and len(param.test_iter) else ''} replaced)\n{param}")
+                f"{', test_iter' if val_entries and len(param.test_iter) else ''} replaced"
+                f"{f'; schedule scaled to {share:g} of it' if share != 1.0 else ''})\n{param}")
     return path
 
 
@@ -278,6 +296,91 @@ def compress_plan(config: CompressConfig, nets: Nets, stages: Stages, plan_path:
             "clipq_bytes": packed.stat().st_size, "seconds": stages.seconds()}
 
 
+def method_layers(method, trained: Path, plain_net) -> list[sparse_codec.Layer]:
+    """Every layer with weights of a trained method caffemodel as the codec stores it: the method's
+    layers as its export says, the others raw."""
+    types = {layer.name: layer.type for layer in plain_net.layer}
+    by_name = {layer.name: layer for layer in caffemodel.read(trained) if layer.blobs}
+    stored = method.export({n: by_name[n].blobs for n in method.layers()})
+    layers = []
+    for name, layer in by_name.items():
+        if name in stored:
+            s = stored[name]
+            bias = [np.asarray(b, np.float32) for b in layer.blobs[1:2]] if method.bias[name] else []
+            layers.append(sparse_codec.Layer(name, types[name], [s.weights] + bias, s.codes, s.codebook, s.bits,
+                                             float(np.mean(s.codes == 0))))
+        else:
+            layers.append(sparse_codec.Layer(name, types.get(name, layer.type), layer.blobs))
+    return layers
+
+
+def prepare_phase(phase, start: Path, layers: list[str], out: Path) -> str:
+    """Write the phase's starting caffemodel: `phase.prepare` on the compressed layers' blobs."""
+    trained = caffemodel.read(start)
+    prepared = phase.prepare({w.name: w.blobs for w in trained if w.name in layers})
+    caffemodel.write([caffemodel.LayerWeights(w.name, w.type, prepared.get(w.name, w.blobs)) for w in trained], out)
+    return str(out)
+
+
+def compress_method(config: CompressConfig, nets: Nets, stages: Stages, method, init_weights: Path, log) -> dict:
+    """A compression method (methods.py) through its fine-tuning phases in Caffe, then export -> encode
+    -> decode -> evaluate, in the directory of `stages` (resumable stage by stage)."""
+    work = stages.path.parent
+    plain = caffe_io.read_net_param(nets.test)
+    train_plain = nets.val or nets.test  # fine-tuning monitors the validation images, never the test images
+    val_entries = caffe_io.lmdb_entries(config.val) if nets.val is not None else None
+    method.bias = {layer.name: convert._own_blobs(layer) == 2 for layer in plain.layer if layer.name in method.layers()}
+    settings = json.dumps(method.settings, sort_keys=True, default=str)
+    weights = Path(init_weights)
+    for phase in method.phases():
+        phase_dir = work / phase.name
+        start, net, finetuned = phase_dir / "start.caffemodel", phase_dir / "train_val.prototxt", phase_dir / "finetuned.caffemodel"
+        stages.run(f"{phase.name}-prepare", {"weights": file_id(weights), "method": settings}, [start],
+                   lambda: prepare_phase(phase, weights, method.layers(), start), log)
+
+        def write_net():
+            with atomic_write(net) as f:
+                f.write(f"# {method.name}, phase {phase.name}: {train_plain.name} with its Python layers\n"
+                        f"{convert.to_method_net(caffe_io.read_net_param(train_plain), phase.roles)}")
+
+        stages.run(f"{phase.name}-convert", {"model": file_id(train_plain), "method": settings}, [net], write_net, log)
+        solver = finetune_solver(config, net, phase_dir, val_entries, phase.share)
+        finetune_in = {"net": file_id(net), "solver": file_id(solver), "init": file_id(start)}
+
+        def finetune():
+            keep_snapshots_of(phase_dir / "finetune", finetune_in)
+            return str(train.train(solver, output=finetuned, weights=start, log=phase_dir / "finetune.log",
+                                   progress=config.progress))
+
+        stages.run(f"{phase.name}-finetune", finetune_in, [finetuned], finetune, log)
+        weights = finetuned
+
+    packed = work / "model.clipq"
+
+    def encode():
+        data = sparse_codec.encode(method_layers(method, weights, plain),
+                                   {"prototxt": Path(config.model).name, "method": method.name}, config.huffman)
+        with atomic_write(packed, "wb") as f:
+            f.write(data)
+
+    stages.run("encode", {"weights": file_id(weights), "method": settings, "huffman": config.huffman}, [packed],
+               encode, log)
+    decoded = work / "decoded.caffemodel"
+    stages.run("decode", {"clipq": file_id(packed)}, [decoded],
+               lambda: compressed_model.decode_file(packed, decoded), log)
+
+    def evaluate():
+        scores = {"decoded": caffe_io.evaluate(nets.test, decoded)}
+        if nets.val is not None:
+            scores["decoded_val"] = score_val(nets.val, decoded, work / "val_correct.npy")
+        return scores
+
+    outputs = [work / "val_correct.npy"] if nets.val is not None else []
+    scores = stages.run("evaluate", {"decoded": file_id(decoded), "val": str(config.val)}, outputs, evaluate, log)
+    return {"scores": scores, "clipq": str(packed), "decoded": str(decoded), "clipq_bytes": packed.stat().st_size,
+            "seconds": stages.seconds()}
+
+
 def run(config: CompressConfig, log=print) -> dict:
     """Run (or resume) the pipeline; return the report (also written as report.json / report.md).
     OUT is locked meanwhile: a second run on it is refused."""
@@ -286,10 +389,9 @@ def run(config: CompressConfig, log=print) -> dict:
         return _run_stages(config, log)
 
 
-def _run_stages(config: CompressConfig, log) -> dict:
+def baseline_and_plan(config: CompressConfig, stages: Stages, nets: Nets, log) -> dict:
+    """The baseline's scores and OUT/plan.yaml (the search's, or the given plan); returns the scores."""
     out = config.out
-    stages = Stages(out)
-    nets = prepare_nets(config)
     model_in = {"model": file_id(nets.test), "weights": file_id(config.weights), "val": str(config.val)}
     baseline = stages.run("baseline", model_in, [out / "baseline_val_correct.npy"] if nets.val else [],
                           lambda: evaluate_baseline(config, nets), log)
@@ -311,7 +413,15 @@ def _run_stages(config: CompressConfig, log) -> dict:
     else:
         stages.run("search", {**model_in, "settings": asdict(config.settings), "on": config.search_data},
                    [plan_path], search_plan, log)
+    return baseline
 
+
+def _run_stages(config: CompressConfig, log) -> dict:
+    out = config.out
+    stages = Stages(out)
+    nets = prepare_nets(config)
+    baseline = baseline_and_plan(config, stages, nets, log)
+    plan_path = out / "plan.yaml"
     if config.max_drop is None:
         result = compress_plan(config, nets, stages, plan_path, config.weights, log)
         rounds = None

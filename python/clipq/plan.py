@@ -92,6 +92,46 @@ def save_plan(plan: dict[str, LayerPlan], path: str | Path, extra: dict | None =
 
 
 @dataclass(frozen=True)
+class WrappedParam:
+    """What any clipq Python layer reads from its param_str: the wrapped layer's parameters, its name and
+    the method's options (JSON: {"<type>_param": {...}, "name": ..., option: value, ...})."""
+
+    type: str                      # wrapped Caffe layer type: Convolution | InnerProduct
+    param: dict                    # the wrapped *_param message, as protobuf's JSON mapping
+    name: str = ""                 # the layer's name (a Python layer cannot see it otherwise; for errors)
+    options: dict = field(default_factory=dict)
+
+    def to_param_str(self) -> str:
+        return json.dumps({**self.options, WRAPPED[self.type]: self.param, "name": self.name}, sort_keys=True)
+
+    @classmethod
+    def from_param_str(cls, text: str, layer_type: str, options: tuple[str, ...] | None = None,
+                       kind: str = "clipq") -> "WrappedParam":
+        """Parse; `options` lists the keys the layer accepts (None: any). Errors name the layer and key."""
+        try:
+            name = str(json.loads(text).get("name", "?"))
+        except (json.JSONDecodeError, AttributeError):
+            name = "?"
+        where = f"{kind} layer '{name}' ({layer_type}) param_str"
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        key = WRAPPED[layer_type]
+        if options is not None:
+            unknown = set(data) - {*options, key, "name"}
+            if unknown:
+                raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected {', '.join(options)}, "
+                                 f"{key}, name")
+        if key not in data or not isinstance(data[key], dict):
+            raise ValueError(f"{where}: '{key}' (the wrapped layer's parameters) is missing")
+        rest = {k: v for k, v in data.items() if k not in (key, "name")}
+        return cls(layer_type, data[key], name, rest)
+
+
+@dataclass(frozen=True)
 class LayerConfig:
     """What a CLIP-Q Python layer reads from its param_str."""
 
@@ -102,31 +142,14 @@ class LayerConfig:
     name: str = ""                 # the layer's name (a Python layer cannot see it otherwise; for errors)
 
     def to_param_str(self) -> str:
-        doc = {"p": self.p, "bits": self.bits, WRAPPED[self.type]: self.param, "name": self.name}
-        return json.dumps(doc, sort_keys=True)
+        return WrappedParam(self.type, self.param, self.name, {"p": self.p, "bits": self.bits}).to_param_str()
 
     @classmethod
     def from_param_str(cls, text: str, layer_type: str) -> "LayerConfig":
         """Parse and validate; errors name the layer and the key."""
+        wrapped = WrappedParam.from_param_str(text, layer_type, ("p", "bits"), "CLIP-Q")
         try:
-            name = str(json.loads(text).get("name", "?"))
-        except (json.JSONDecodeError, AttributeError):
-            name = "?"
-        where = f"CLIP-Q layer '{name}' ({layer_type}) param_str"
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a JSON object")
-        key = WRAPPED[layer_type]
-        unknown = set(data) - {"p", "bits", key, "name"}
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected p, bits, {key}, name")
-        if key not in data or not isinstance(data[key], dict):
-            raise ValueError(f"{where}: '{key}' (the wrapped layer's parameters) is missing")
-        try:
-            lp = LayerPlan(data.get("p"), data.get("bits"))
+            lp = LayerPlan(wrapped.options.get("p"), wrapped.options.get("bits"))
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        return cls(lp.p, lp.bits, layer_type, data[key], name)
+            raise ValueError(f"CLIP-Q layer '{wrapped.name}' ({layer_type}) param_str: {e}") from None
+        return cls(lp.p, lp.bits, layer_type, wrapped.param, wrapped.name)

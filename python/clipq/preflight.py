@@ -23,7 +23,7 @@ from pathlib import Path
 
 from clipq import caffe_io, caffemodel
 from clipq.errors import ClipqError
-from clipq.plan import WRAPPED, LayerConfig
+from clipq.plan import WRAPPED, WrappedParam
 
 Shape = tuple[int, ...]
 SAME_SHAPE = {"ReLU", "Sigmoid", "TanH", "Dropout", "LRN", "BatchNorm", "Scale", "Bias", "Power", "AbsVal", "BNLL",
@@ -212,11 +212,12 @@ def wrapped(layer):
     """(type, parameter message) of a layer; a CLIP-Q Python layer counts as the layer it wraps."""
     from google.protobuf import json_format
 
-    from clipq.convert import CLASS_TYPE
+    from clipq.convert import METHOD_CLASS_TYPE
 
-    if layer.type == "Python" and layer.python_param.layer in CLASS_TYPE:
+    if layer.type == "Python" and layer.python_param.layer in METHOD_CLASS_TYPE:
         try:
-            config = LayerConfig.from_param_str(layer.python_param.param_str, CLASS_TYPE[layer.python_param.layer])
+            config = WrappedParam.from_param_str(layer.python_param.param_str,
+                                                 METHOD_CLASS_TYPE[layer.python_param.layer])
             message = getattr(caffe_io.caffe_pb2().LayerParameter(), WRAPPED[config.type])
             return config.type, json_format.ParseDict(config.param, message)
         except (ValueError, json_format.ParseError) as e:

@@ -217,3 +217,16 @@ def clip_quantize(w: np.ndarray, p: float, bits: int, out: np.ndarray | None = N
 
     check_args(p, bits)
     return _kernels.clip_quantize(np.ascontiguousarray(w, dtype=np.float32), p, bits, out)
+
+
+def quantize_kept(w: np.ndarray, keep: np.ndarray, bits: int) -> Quantized:
+    """CLIP-Q's linear partition and interval means applied to the weights a fixed mask keeps: the
+    intervals span [min, largest kept negative] and [smallest kept positive, max] (the sequential
+    ablation's quantization, after pruning)."""
+    check_args(0.0, bits)
+    flat = np.asarray(w, np.float32).ravel()
+    keep = np.asarray(keep, bool).ravel() & (flat != 0)
+    neg, pos = flat[keep & (flat < 0)], flat[keep & (flat > 0)]
+    part = make_partition(2 ** bits - 1, float(neg.min(initial=0.0)), float(pos.max(initial=0.0)),
+                          float(neg.max(initial=0.0)), float(pos.min(initial=0.0)), bool(neg.size), bool(pos.size))
+    return quantize_with(np.asarray(w, np.float32), keep, part, 2 ** bits - 1)

@@ -1,0 +1,314 @@
+"""`clipq compare`: CLIP-Q next to Deep Compression, Dynamic Network Surgery, Learning-Compression
+pruning, the sequential ablation and uniform CLIP-Q, on one net, in one protocol (the paper's Table 4
+question asked on a net a CPU can train).
+
+Protocol: the same baseline caffemodel; the same fine-tuning solver and the same total number of
+iterations for every method (a method with several phases runs the solver's schedule compressed into
+each phase); the same `.clipq` codec for every result; the same held-out validation LMDB for the search
+and for every fine-tuning's monitor; the test set only for the final numbers.
+
+Operating points. CLIP-Q: plans of the search's Lagrangian path (budget.py) nearest to the target rates.
+Every baseline is placed at the *size* of CLIP-Q's larger points (its knob bisected until its plan,
+encoded from the baseline weights, is as large as CLIP-Q's): Deep Compression scales its paper's per-layer
+kept fractions at its paper's bits (and also runs the paper's setting as published); DNS scales its paper's
+per-layer kept fractions, each turned into a c_rate on the baseline weights; LC chooses the global kappa;
+uniform CLIP-Q takes one (p, b) for every layer; the sequential ablation takes CLIP-Q's plans themselves.
+Sizes after training move a little (DNS and LC decide their own sparsity); the table reports real bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from clipq import budget, caffe_io, caffemodel, compressed_model, pipeline, search, size, sparse_codec, surgery
+from clipq.atomic import atomic_write
+from clipq.errors import ClipqError
+from clipq.lock import output_directory
+from clipq.methods import (STORE_BITS, ClipQ, LearningCompression, Method, PruneThenShare, Surgery)
+from clipq.plan import LayerPlan, load_plan
+
+# The published LeNet settings (by the prototxt's `name:`): Deep Compression (ICLR 2016, Tables 1-2:
+# kept fraction, bits) and DNS (NIPS 2016, Tables 1-2: kept fraction).
+PAPER_SETTINGS = {
+    "LeNet5": {"deep-compression": {"conv1": (0.66, 8), "conv2": (0.12, 8), "ip1": (0.08, 5), "ip2": (0.19, 5)},
+               "dns": {"conv1": 0.142, "conv2": 0.031, "ip1": 0.007, "ip2": 0.043}},
+    "LeNet300_100": {"deep-compression": {"ip1": (0.08, 6), "ip2": (0.09, 6), "ip3": (0.26, 6)},
+                     "dns": {"ip1": 0.018, "ip2": 0.018, "ip3": 0.055}},
+}
+# The paper's Table 4 (AlexNet on ImageNet): method, top-1 change, size (Huffman-coded in brackets).
+PAPER_TABLE4 = [
+    ("Uncompressed", "-", "243.9 MB"), ("Dynamic Network Surgery", "-0.2%", "13.8 MB"),
+    ("Deep Compression", "+0.0%", "8.9 (6.9) MB"), ("Deep Compression + Weighted-Entropy Quantization", "-0.8%",
+                                                   "8.3 (6.5) MB"),
+    ("Binary-Weight-Networks", "+0.1%", "7.6 MB"), ("CLIP-Q", "+0.7%", "4.8 MB"),
+]
+METHODS = ("clipq", "uniform", "sequential", "deep-compression", "dns", "lc")
+LABELS = {"clipq": "CLIP-Q (searched)", "uniform": "CLIP-Q, uniform (p, b)", "sequential": "prune, then quantize",
+          "deep-compression": "Deep Compression", "dns": "Dynamic Network Surgery", "lc": "LC pruning"}
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    compress: pipeline.CompressConfig   # model, weights, solver, val, out, search settings, progress
+    targets: tuple[float, ...] = (30.0, 60.0, 120.0)  # CLIP-Q's points: the path plans nearest these rates
+    matched: int = 2                    # baselines at the sizes of CLIP-Q's `matched` smallest points
+    methods: tuple[str, ...] = METHODS
+    lc_steps: int = 5
+    lc_mu0: float = 0.05
+    lc_growth: float = 2.0
+    dns_stop: float = 0.5               # DNS surgery until this fraction of the iterations
+
+    def check(self) -> None:
+        self.compress.check()
+        if self.compress.val is None:
+            raise ClipqError("clipq compare needs --val LMDB: the search and the fine-tuning monitor held-out images")
+        unknown = set(self.methods) - set(METHODS)
+        if unknown:
+            raise ClipqError(f"--methods: unknown method(s) {', '.join(sorted(unknown))}; known: {', '.join(METHODS)}")
+        if "clipq" not in self.methods:
+            raise ClipqError("--methods must include clipq: the other methods are placed at its sizes")
+        if not self.targets or any(t <= 1 for t in self.targets):
+            raise ClipqError(f"--targets must be compression rates above 1, got {self.targets}")
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str        # one of METHODS
+    label: str         # the operating point, for the table
+    make: Callable[[], Method]
+
+
+class SizeModel:
+    """Bytes of the `.clipq` file a plan would give on the baseline weights (the codec itself)."""
+
+    def __init__(self, weights: Path, layers: list[str]):
+        self.raw = [w for w in caffemodel.read(weights) if w.blobs]
+        self.blobs = {w.name: w.blobs for w in self.raw}
+        self.layers = layers
+        self.original = sum(4 * sum(np.size(b) for b in w.blobs) for w in self.raw)
+        self._cache: dict[tuple, int] = {}
+
+    def bytes(self, plan: dict[str, LayerPlan]) -> int:
+        key = tuple(sorted((n, round(lp.p, 6), lp.bits) for n, lp in plan.items()))
+        if key not in self._cache:
+            layers = [compressed_model.quantized_layer(w.name, "Layer", w.blobs, plan[w.name]) if w.name in plan
+                      else sparse_codec.Layer(w.name, "Layer", w.blobs) for w in self.raw]
+            self._cache[key] = len(sparse_codec.encode(layers))
+        return self._cache[key]
+
+    def rate(self, plan: dict[str, LayerPlan]) -> float:
+        return self.original / self.bytes(plan)
+
+
+def bisect(plan_for: Callable[[float], dict[str, LayerPlan]], sizes: SizeModel, target_bytes: float,
+           low: float, high: float, steps: int = 30) -> float:
+    """The knob in [low, high] whose plan's size is nearest `target_bytes` (size grows with the knob)."""
+    for _ in range(steps):
+        mid = (low + high) / 2
+        if sizes.bytes(plan_for(mid)) > target_bytes:
+            high = mid
+        else:
+            low = mid
+    return min((low, high), key=lambda k: abs(math.log(sizes.bytes(plan_for(k)) / target_bytes)))
+
+
+def kept_plan(keep: dict[str, float], bits: dict[str, int] | int) -> dict[str, LayerPlan]:
+    """A (p, b) plan from kept fractions (p = 1 - keep, at most 0.9999)."""
+    return {n: LayerPlan(float(min(max(1.0 - k, 0.0), 0.9999)), bits if isinstance(bits, int) else bits[n])
+            for n, k in keep.items()}
+
+
+def scaled(keep: dict[str, float], factor: float) -> dict[str, float]:
+    return {n: min(1.0, k * factor) for n, k in keep.items()}
+
+
+def clipq_points(histories: dict, sizes: SizeModel, targets: tuple[float, ...]) -> list[dict[str, LayerPlan]]:
+    """The Lagrangian path's plans nearest (in log rate) to each target rate, without repeats, largest first."""
+    plans = [c.plan for c in budget.path_candidates(budget.lagrangian_path(histories))]
+    rates = [sizes.rate(p) for p in plans]
+    chosen = sorted({int(np.argmin([abs(math.log(r / t)) for r in rates])) for t in targets},
+                    key=lambda i: rates[i])
+    return [plans[i] for i in chosen]
+
+
+def plan_label(plan: dict[str, LayerPlan]) -> str:
+    return " ".join(f"{n} {lp.p:.2f}/{lp.bits}" for n, lp in plan.items())
+
+
+def global_kept(blobs: dict[str, np.ndarray], kappa: int) -> dict[str, float]:
+    """Per-layer kept fractions of the kappa largest |w| over all layers (LC's budget, at its start)."""
+    flat = np.sort(np.concatenate([np.abs(b).ravel() for b in blobs.values()]))[::-1]
+    t = flat[max(kappa - 1, 0)]
+    return {n: float(np.mean(np.abs(b) >= t)) for n, b in blobs.items()}
+
+
+def operating_points(config: CompareConfig, net_name: str, sizes: SizeModel, histories: dict,
+                     iterations: int) -> list[Point]:
+    """Every method's operating points (module docstring)."""
+    layers, c = sizes.layers, config
+    weights = {n: sizes.blobs[n][0] for n in layers}
+    seed = c.compress.settings.seed
+    plans = clipq_points(histories, sizes, c.targets)
+    points = [Point("clipq", f"{sizes.rate(p):.0f}x plan: {plan_label(p)}",
+                    lambda p=p: ClipQ("clipq", {"plan": plan_label(p)}, plan=p)) for p in plans]
+    paper = PAPER_SETTINGS.get(net_name, {})
+    dc_shape = paper.get("deep-compression") or {n: (1 - lp.p, lp.bits) for n, lp in plans[-1].items()}
+    dns_shape = paper.get("dns") or {n: 1 - lp.p for n, lp in plans[-1].items()}
+    if set(dc_shape) != set(layers) or set(dns_shape) != set(layers):
+        raise ClipqError(f"published settings for {net_name} name layers {sorted(dc_shape)}; the net has {layers}")
+    if "deep-compression" in c.methods and net_name in PAPER_SETTINGS:
+        paper_plan = kept_plan({n: k for n, (k, _) in dc_shape.items()}, {n: b for n, (_, b) in dc_shape.items()})
+        points.append(Point("deep-compression", f"paper setting: {plan_label(paper_plan)}",
+                            lambda p=paper_plan: PruneThenShare("deep-compression", {"plan": plan_label(p)}, plan=p)))
+    for target_plan in plans[-c.matched:]:
+        target = sizes.bytes(target_plan)
+        tag = f"at {sizes.original / target:.0f}x"
+        if "uniform" in c.methods:
+            total = sum(np.size(weights[n]) * (1 - lp.p) for n, lp in target_plan.items())
+            bits = round(sum(np.size(weights[n]) * (1 - lp.p) * lp.bits for n, lp in target_plan.items()) / total)
+            p = 1 - bisect(lambda k: {n: LayerPlan(min(1 - k, 0.9999), bits) for n in layers}, sizes, target, 1e-4, 1.0)
+            uniform = {n: LayerPlan(round(min(p, 0.9999), 4), bits) for n in layers}
+            points.append(Point("uniform", f"{tag}: p {p:.3f}, b {bits}",
+                                lambda u=uniform: ClipQ("uniform", {"plan": plan_label(u)}, plan=u)))
+        if "sequential" in c.methods:
+            points.append(Point("sequential", f"{tag}: CLIP-Q's plan",
+                                lambda p=target_plan: PruneThenShare("sequential", {"plan": plan_label(p)}, plan=p,
+                                                                     rule="sequential")))
+        if "deep-compression" in c.methods:
+            keep = {n: k for n, (k, _) in dc_shape.items()}
+            bits = {n: b for n, (_, b) in dc_shape.items()}
+            factor = bisect(lambda f: kept_plan(scaled(keep, f), bits), sizes, target, 1e-3, 1 / min(keep.values()))
+            dc = kept_plan(scaled(keep, factor), bits)
+            points.append(Point("deep-compression", f"{tag}: {plan_label(dc)}",
+                                lambda p=dc: PruneThenShare("deep-compression", {"plan": plan_label(p)}, plan=p)))
+        if "dns" in c.methods:
+            factor = bisect(lambda f: kept_plan(scaled(dns_shape, f), STORE_BITS), sizes, target, 1e-3,
+                            1 / min(dns_shape.values()))
+            keep = scaled(dns_shape, factor)
+            rates = {n: round(surgery.c_rate_for(weights[n], k), 4) for n, k in keep.items()}
+            stop = round(c.dns_stop * iterations)
+            points.append(Point("dns", f"{tag}: keep " + " ".join(f"{n} {k:.3f}" for n, k in keep.items()),
+                                lambda r=rates: Surgery("dns", {"c_rates": r, "iter_stop": stop, "seed": seed},
+                                                        c_rates=r, iter_stop=stop, seed=seed)))
+        if "lc" in c.methods:
+            n_all = sum(np.size(w) for w in weights.values())
+            kappa = round(bisect(lambda k: kept_plan(global_kept(weights, max(1, round(k))), STORE_BITS), sizes,
+                                 target, 1, n_all))
+            lc = dict(kappa=kappa, steps=c.lc_steps, mu0=c.lc_mu0, growth=c.lc_growth)
+            points.append(Point("lc", f"{tag}: kappa {kappa:,} ({100 * kappa / n_all:.2f}%)",
+                                lambda lc=lc: LearningCompression("lc", lc, names=list(layers), **lc)))
+    return points
+
+
+def run(config: CompareConfig, log=print) -> dict:
+    """Run (or resume) the comparison; write OUT/compare.json, compare.md and plots/compare.png."""
+    config.check()
+    with output_directory(config.compress.out, log):
+        return _compare(config, log)
+
+
+def _compare(config: CompareConfig, log) -> dict:
+    cc = config.compress
+    out = cc.out
+    stages = pipeline.Stages(out)
+    nets = pipeline.prepare_nets(cc)
+    baseline = pipeline.baseline_and_plan(cc, stages, nets, log)
+    net = caffe_io.read_net_param(cc.model)
+    layers = list(load_plan(out / "plan.yaml"))
+    sizes = SizeModel(Path(cc.weights), layers)
+    solver = caffe_io.read_text_proto(cc.solver, "SolverParameter", "solver prototxt")
+    iterations = cc.max_iter or solver.max_iter
+    points = operating_points(config, net.name, sizes, search.read_histories(out, layers), iterations)
+    baseline_correct = np.load(out / "baseline_val_correct.npy")
+    rows = []
+    for number, point in enumerate(points, 1):
+        work = out / "runs" / f"{number:02d}-{point.method}"
+        log(f"[compare {number}/{len(points)}] {LABELS[point.method]}, {point.label}")
+        result = pipeline.compress_method(cc, nets, pipeline.Stages(work), point.make(), Path(cc.weights), log)
+        drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
+        _, stored = compressed_model.read_file(result["clipq"])
+        rows.append({"method": point.method, "label": LABELS[point.method], "point": point.label,
+                     "bytes": result["clipq_bytes"], "rate": size.overall(stored).original / result["clipq_bytes"],
+                     "test_top1": result["scores"]["decoded"]["accuracy"],
+                     "test_drop": 100 * (baseline["test"]["accuracy"] - result["scores"]["decoded"]["accuracy"]),
+                     "val_drop": drop.points, "val_drop_se": drop.se, "iterations": iterations,
+                     "seconds": round(sum(result["seconds"].values()), 1), "dir": str(work)})
+    report = {"model": str(cc.model), "net": net.name, "weights": str(cc.weights), "solver": str(cc.solver),
+              "iterations": iterations, "baseline": {"test_top1": baseline["test"]["accuracy"],
+                                                     "val_top1": baseline["val"]["accuracy"]},
+              "settings": asdict(cc.settings), "targets": list(config.targets), "rows": rows,
+              "seconds": round(sum(stages.seconds().values()) + sum(r["seconds"] for r in rows), 1)}
+    plot(report, out / "plots" / "compare.png")
+    with atomic_write(out / "compare.json") as f:
+        json.dump(report, f, indent=2)
+    with atomic_write(out / "compare.md") as f:
+        f.write(markdown(report))
+    return report
+
+
+def frontier(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats in both rate and test top-1, by rate."""
+    ordered = sorted(rows, key=lambda r: (-r["rate"], -r["test_top1"]))
+    best, out = -1.0, []
+    for r in ordered:
+        if r["test_top1"] > best:
+            out.append(r)
+            best = r["test_top1"]
+    return sorted(out, key=lambda r: r["rate"])
+
+
+def plot(report: dict, path: Path) -> None:
+    """Rate (log x) against test top-1, one colour per method, each method's frontier as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in METHODS:
+        rows = [r for r in report["rows"] if r["method"] == method]
+        if not rows:
+            continue
+        line = frontier(rows)
+        marker = "*" if method == "clipq" else "o"
+        handle = ax.plot([r["rate"] for r in line], [100 * r["test_top1"] for r in line], marker=marker,
+                         markersize=12 if method == "clipq" else 6, label=LABELS[method])[0]
+        ax.scatter([r["rate"] for r in rows], [100 * r["test_top1"] for r in rows], color=handle.get_color(),
+                   marker=marker, s=30)
+    ax.axhline(100 * report["baseline"]["test_top1"], color="gray", linestyle="--", linewidth=1,
+               label="uncompressed baseline")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression rate (float32 bytes / .clipq bytes, log scale)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{report['net']}: {report['iterations']:,} fine-tuning iterations per method")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# {report['net']}: CLIP-Q and the baselines ({report['model']})", "",
+             f"Baseline test top-1 {100 * report['baseline']['test_top1']:.2f}%; every method fine-tunes "
+             f"{report['iterations']:,} iterations with {report['solver']}; sizes are `.clipq` files; drops in "
+             "top-1 points (validation: mean +- standard error over the held-out images).", "",
+             "| method | operating point | bytes | rate | test top-1 | test drop | val drop | iterations | time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['label']} | {r['point']} | {r['bytes']:,} | {r['rate']:.1f}x | "
+                     f"{100 * r['test_top1']:.2f}% | {r['test_drop']:+.2f} | {r['val_drop']:+.2f} +- "
+                     f"{r['val_drop_se']:.2f} | {r['iterations']:,} | {r['seconds']:.0f} s |")
+    lines += ["", "The paper's Table 4 (AlexNet on ImageNet, as printed):", "",
+              "| method | top-1 change | size |", "|---|---:|---:|"]
+    lines += [f"| {m} | {d} | {s} |" for m, d, s in PAPER_TABLE4]
+    return "\n".join(lines) + "\n"
