@@ -152,10 +152,6 @@ class _Surgery(_WrappedLayer):
     KIND = "Surgery"
     OPTIONS = ("c_rate", "iter_stop", "gamma", "power", "seed")
 
-    def parse(self, text):
-        super().parse(text)
-        self.rng = np.random.default_rng(int(self.options.get("seed", 0)))
-
     def initial_blobs(self, inner):
         return [np.array(a) for a in inner] + [np.ones(inner[0].shape, np.float32), np.zeros(3, np.float32)]
 
@@ -165,7 +161,10 @@ class _Surgery(_WrappedLayer):
             iteration = int(state[0])
             chance = surgery.surgery_probability(iteration, float(self.options.get("gamma", surgery.GAMMA)),
                                                  float(self.options.get("power", surgery.POWER)))
-            if iteration < int(self.options["iter_stop"]) and self.rng.random() < chance:
+            # the draw depends on (seed, iteration) only, so a run resumed from a snapshot draws as the
+            # uninterrupted one would
+            draw = np.random.default_rng([int(self.options.get("seed", 0)), iteration]).random()
+            if iteration < int(self.options["iter_stop"]) and draw < chance:
                 t = surgery.threshold(float(state[1]), float(state[2]), float(self.options["c_rate"]))
                 mask[...] = surgery.update_mask(self.blobs[0].data, mask, t)
             state[0] = iteration + 1
