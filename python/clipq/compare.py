@@ -97,8 +97,8 @@ class SizeModel:
     def bytes(self, plan: dict[str, LayerPlan]) -> int:
         key = tuple(sorted((n, round(lp.p, 6), lp.bits) for n, lp in plan.items()))
         if key not in self._cache:
-            layers = [compressed_model.quantized_layer(w.name, "Layer", w.blobs, plan[w.name]) if w.name in plan
-                      else sparse_codec.Layer(w.name, "Layer", w.blobs) for w in self.raw]
+            layers = [compressed_model.quantized_layer(w.name, w.type, w.blobs, plan[w.name]) if w.name in plan
+                      else sparse_codec.Layer(w.name, w.type, w.blobs) for w in self.raw]
             self._cache[key] = len(sparse_codec.encode(layers))
         return self._cache[key]
 
