@@ -6,7 +6,7 @@ CLIPQ := $(VENV)/bin/clipq
 MODELS := cache/models
 NETS := lenet5 lenet300_100
 
-.PHONY: install data baseline finetune compress results demo paper-sizes test test-slow prototxt clean
+.PHONY: install data baseline finetune compress results compare demo paper-sizes test test-slow prototxt clean
 
 install:                ## Debian packages, .venv, BVLC Caffe (cached build), clipq; then `clipq doctor`
 	tools/install.sh
@@ -59,6 +59,20 @@ results: baseline       ## the README's results table: both LeNets x SEEDS with 
 	done; done
 	$(CLIPQ) summary $(foreach net,$(RESULT_NETS),$(foreach seed,$(SEEDS),cache/results/$(net)_seed$(seed))) \
 	    | tee cache/results/summary.md
+
+# The paper's comparison (Table 4) on both LeNets: CLIP-Q at the search's plans nearest 30x/60x/120x, Deep
+# Compression (also at its paper setting), DNS, LC pruning, prune-then-quantize and uniform CLIP-Q at the
+# sizes of CLIP-Q's two smallest points; every method fine-tunes the solver's iterations in all (LeNet-5
+# 3,000, LeNet-300-100 10,000). COMPARE_SEEDS="0 1 2": the search's and the fine-tuning's seed.
+COMPARE_SEEDS ?= 0
+
+compare: baseline       ## CLIP-Q vs Deep Compression, DNS, LC, sequential, uniform on both LeNets (clipq compare)
+	@for net in $(NETS); do for seed in $(COMPARE_SEEDS); do \
+	    echo "== $$net, seed $$seed: cache/compare/$${net}_seed$$seed"; \
+	    $(CLIPQ) compare --model prototxt/$$net/train_val.prototxt --weights $(MODELS)/$${net}_fashion_mnist_55k.caffemodel \
+	        --solver solvers/$${net}_clipq_solver.prototxt --out cache/compare/$${net}_seed$$seed --val $(VAL) \
+	        --lam $(LAMBDA) --seed $$seed || exit 1; \
+	done; done
 
 demo: compress          ## install, data, baselines, then the CLIP-Q pipeline with --max-drop on LeNet-5 (FULL=1: both LeNets)
 	@echo; echo "Fashion-MNIST test top-1 of the baselines (10,000 images):"

@@ -335,7 +335,7 @@ def compress_method(config: CompressConfig, nets: Nets, stages: Stages, method, 
     for phase in method.phases():
         phase_dir = work / phase.name
         start, net, finetuned = phase_dir / "start.caffemodel", phase_dir / "train_val.prototxt", phase_dir / "finetuned.caffemodel"
-        stages.run(f"{phase.name}-prepare", {"weights": file_id(weights), "method": settings}, [start],
+        stages.run(f"{phase.name}/prepare", {"weights": file_id(weights), "method": settings}, [start],
                    lambda: prepare_phase(phase, weights, method.layers(), start), log)
 
         def write_net():
@@ -343,7 +343,7 @@ def compress_method(config: CompressConfig, nets: Nets, stages: Stages, method, 
                 f.write(f"# {method.name}, phase {phase.name}: {train_plain.name} with its Python layers\n"
                         f"{convert.to_method_net(caffe_io.read_net_param(train_plain), phase.roles)}")
 
-        stages.run(f"{phase.name}-convert", {"model": file_id(train_plain), "method": settings}, [net], write_net, log)
+        stages.run(f"{phase.name}/convert", {"model": file_id(train_plain), "method": settings}, [net], write_net, log)
         solver = finetune_solver(config, net, phase_dir, val_entries, phase.share)
         finetune_in = {"net": file_id(net), "solver": file_id(solver), "init": file_id(start)}
 
@@ -352,7 +352,7 @@ def compress_method(config: CompressConfig, nets: Nets, stages: Stages, method, 
             return str(train.train(solver, output=finetuned, weights=start, log=phase_dir / "finetune.log",
                                    progress=config.progress))
 
-        stages.run(f"{phase.name}-finetune", finetune_in, [finetuned], finetune, log)
+        stages.run(f"{phase.name}/train", finetune_in, [finetuned], finetune, log)
         weights = finetuned
 
     packed = work / "model.clipq"
