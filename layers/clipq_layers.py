@@ -137,7 +137,8 @@ class _Shared(_WrappedLayer):
 
     def initial_blobs(self, inner):
         levels = 2 ** int(self.options["bits"]) - 1
-        return [np.zeros(levels, np.float32)] + [np.array(a) for a in inner[1:]] + [np.zeros(inner[0].shape, np.float32)]
+        codes = np.zeros(inner[0].shape, np.float32)
+        return [np.zeros(levels, np.float32)] + [np.array(a) for a in inner[1:]] + [codes]
 
     def forward_weights(self, out):
         out[...] = deep_compression.shared(self.blobs[-1].data, self.blobs[0].data)

@@ -83,4 +83,4 @@ def test_compare_writes_table_plot_and_json_and_resumes(compared, trained_mlp):
     lines = []
     again = compare.run(compare.CompareConfig(cc, targets=(10.0, 40.0), matched=1, lc_steps=2), log=lines.append)
     assert [r["bytes"] for r in again["rows"]] == [r["bytes"] for r in report["rows"]]
-    assert not any(line.endswith("/train] ...") for line in lines)  # nothing trained twice
+    assert not any(line.endswith("finetune] ...") for line in lines)  # nothing trained twice

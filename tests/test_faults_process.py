@@ -341,7 +341,7 @@ def test_a_compress_killed_in_the_search_and_after_the_fine_tuning_resumes_to_th
         tmp_path, mlp, compress_reference, sig):
     rng = random.Random(sig)
     moments = [(after_evaluations(tmp_path, rng.randint(1, 11)), rng.uniform(0, 1)),  # the search's workers
-               (after_line("[export] ..."), rng.uniform(0, 0.5))]
+               (after_line("[encode] ..."), rng.uniform(0, 0.5))]
     errors = [run_and_kill(compress_command(mlp, tmp_path), sig, ready, delay) for ready, delay in moments]
     subprocess.run(compress_command(mlp, tmp_path), check=True, capture_output=True)
     assert not any("Traceback" in e for e in errors)

@@ -127,10 +127,11 @@ def test_surgery_mask_survives_a_snapshot_and_snapshot_resume(trained_mlp, tmp_p
     start = tmp_path / "start.caffemodel"
     pipeline.prepare_phase(phase, trained_mlp["weights"], method.layers(), start)
     (tmp_path / "net.prototxt").write_text(str(convert.to_method_net(net_param, phase.roles)))
-    solver = ('net: "{net}"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 10\nsnapshot: 5\nsnapshot_prefix: "{prefix}"\n'
-              'solver_mode: CPU\nrandom_seed: 1\n')
+    solver = ('net: "{net}"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 10\nsnapshot: 5\n'
+              'snapshot_prefix: "{prefix}"\nsolver_mode: CPU\nrandom_seed: 1\n')
     for run in ("a", "b"):
-        (tmp_path / f"{run}.prototxt").write_text(solver.format(net=tmp_path / "net.prototxt", prefix=tmp_path / run / "s"))
+        text = solver.format(net=tmp_path / "net.prototxt", prefix=tmp_path / run / "s")
+        (tmp_path / f"{run}.prototxt").write_text(text)
     final_a = train.train(tmp_path / "a.prototxt", weights=start, progress=False)
     # run b: the same training, stopped after the snapshot at iteration 5, then resumed by `clipq train`
     (tmp_path / "b").mkdir()

@@ -4,6 +4,8 @@ form it promises (levels, sparsity, budget)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -38,8 +40,7 @@ def compressed(trained_mlp, tmp_path_factory):
         method = make(name, weights)
         stages = pipeline.Stages(out / name)
         result = pipeline.compress_method(config, nets, stages, method, trained_mlp["weights"], lambda m: None)
-        last = method.phases()[-1].name
-        runs[name] = (method, result, out / name / last / "finetuned.caffemodel")
+        runs[name] = (method, result, Path(result["trained"]))
     return runs
 
 
@@ -70,9 +71,11 @@ def test_lc_result_has_at_most_kappa_nonzero_weights_over_the_net(compressed):
 
 
 def test_every_phase_gets_its_share_of_the_iterations(compressed):
-    for name, (method, _, trained) in compressed.items():
-        for phase in method.phases():
-            solver = (trained.parents[1] / phase.name / "finetune_solver.prototxt").read_text()
+    for name, (method, result, _) in compressed.items():
+        phases = method.phases()
+        for phase in phases:
+            work = Path(result["clipq"]).parent / (phase.name if len(phases) > 1 else "")
+            solver = (work / "finetune_solver.prototxt").read_text()
             assert f"max_iter: {max(1, round(8 * phase.share))}" in solver
 
 

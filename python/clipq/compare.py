@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +30,7 @@ from clipq import budget, caffe_io, caffemodel, compressed_model, pipeline, sear
 from clipq.atomic import atomic_write
 from clipq.errors import ClipqError
 from clipq.lock import output_directory
-from clipq.methods import (STORE_BITS, ClipQ, LearningCompression, Method, PruneThenShare, Surgery)
+from clipq.methods import STORE_BITS, ClipQ, LearningCompression, Method, PruneThenShare, Surgery
 from clipq.plan import LayerPlan, load_plan
 
 # The published LeNet settings (by the prototxt's `name:`): Deep Compression (ICLR 2016, Tables 1-2:

@@ -85,7 +85,8 @@ def to_method_net(net_param, roles: dict[str, LayerRole]):
     return out
 
 
-def _own_blobs(layer) -> int:
+def own_blobs(layer) -> int:
+    """Blobs of a Convolution / InnerProduct layer: weights, and the bias unless bias_term is false."""
     return 2 if getattr(layer, WRAPPED[layer.type]).bias_term else 1
 
 
@@ -95,7 +96,7 @@ def _make_python_layer(layer, role: LayerRole) -> None:
     field = WRAPPED[layer.type]
     wrapped = json_format.MessageToDict(getattr(layer, field), preserving_proto_field_name=True)
     if role.state_blobs:
-        while len(layer.param) < _own_blobs(layer):
+        while len(layer.param) < own_blobs(layer):
             layer.param.add()  # Caffe's defaults, spelled out so the state blobs' entries line up
         for _ in range(role.state_blobs):
             layer.param.add(lr_mult=0, decay_mult=0)

@@ -49,7 +49,8 @@ class Phase:
     name: str
     share: float                              # fraction of the fine-tuning iterations
     roles: dict[str, LayerRole]
-    prepare: Callable[[Blobs], Blobs]         # starting blobs from the previous phase's (or plain) blobs
+    prepare: Callable[[Blobs], Blobs] | None  # starting blobs from the previous phase's (or plain) blobs;
+                                              # None: start from those weights as they are
 
 
 def own(blobs: list[np.ndarray], bias: bool) -> list[np.ndarray]:
@@ -92,7 +93,7 @@ class ClipQ(Method):
 
     def phases(self):
         roles = {n: LayerRole("ClipQ", {"p": float(lp.p), "bits": int(lp.bits)}) for n, lp in self.plan.items()}
-        return [Phase("finetune", 1.0, roles, lambda blobs: {n: own(b, self.bias[n]) for n, b in blobs.items()})]
+        return [Phase("finetune", 1.0, roles, None)]
 
     def export(self, blobs):
         out = {}

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from clipq import budget, caffe_io, caffemodel, compressed_model, convert, search, sparse_codec, train
+from clipq import budget, caffe_io, caffemodel, compressed_model, convert, methods, search, sparse_codec, train
 from clipq import report as reporting
 from clipq.atomic import atomic_write
 from clipq.errors import ClipqError
@@ -240,63 +240,7 @@ def evaluate_baseline(config: CompressConfig, nets: Nets) -> dict:
     return scores
 
 
-def compress_plan(config: CompressConfig, nets: Nets, stages: Stages, plan_path: Path, init_weights: Path,
-                  log) -> dict:
-    """One plan through convert -> fine-tune (from `init_weights`) -> export -> encode -> decode ->
-    evaluate, in the directory of `stages` (resumable stage by stage); returns the scores and files."""
-    work = stages.path.parent
-    plan = load_plan(plan_path)
-    model_id = file_id(nets.test)
-    clipq_path = work / "clipq_train_val.prototxt"
-    stages.run("convert", {"model": model_id, "plan": file_id(plan_path)}, [clipq_path],
-               lambda: convert.convert_file(nets.test, plan, clipq_path), log)
-    train_net, val_entries = clipq_path, None
-    if nets.val is not None:  # fine-tuning monitors the validation images, never the test images
-        train_net = work / "clipq_val_train_val.prototxt"
-        stages.run("convert-val", {"model": file_id(nets.val), "plan": file_id(plan_path)}, [train_net],
-                   lambda: convert.convert_file(nets.val, plan, train_net), log)
-        val_entries = caffe_io.lmdb_entries(config.val)
-
-    finetuned = work / "finetuned.caffemodel"
-    solver = finetune_solver(config, train_net, work, val_entries)
-    finetune_in = {"net": file_id(train_net), "solver": file_id(solver), "init": file_id(init_weights)}
-
-    def finetune():
-        keep_snapshots_of(work / "finetune", finetune_in)
-        return str(train.train(solver, output=finetuned, weights=init_weights, log=work / "finetune.log",
-                               progress=config.progress))
-
-    stages.run("finetune", finetune_in, [finetuned], finetune, log)
-
-    exported = work / "exported.caffemodel"
-    stages.run("export", {"net": file_id(clipq_path), "weights": file_id(finetuned)}, [exported],
-               lambda: convert.export(clipq_path, finetuned, exported), log)
-
-    packed = work / "model.clipq"
-    stages.run("encode", {"weights": file_id(exported), "plan": file_id(plan_path), "huffman": config.huffman},
-               [packed], lambda: compressed_model.encode_file(nets.test, exported, packed, plan, config.huffman),
-               log)
-
-    decoded = work / "decoded.caffemodel"
-    stages.run("decode", {"clipq": file_id(packed)}, [decoded],
-               lambda: compressed_model.decode_file(packed, decoded), log)
-
-    def evaluate():
-        # One net at a time: the rc3 fallback build cannot have two nets reading one LMDB at once.
-        scores = {"clipq_net": caffe_io.evaluate(clipq_path, finetuned),
-                  "decoded": caffe_io.evaluate(nets.test, decoded)}
-        if nets.val is not None:
-            scores["decoded_val"] = score_val(nets.val, decoded, work / "val_correct.npy")
-        return scores
-
-    outputs = [work / "val_correct.npy"] if nets.val is not None else []
-    scores = stages.run("evaluate", {"decoded": file_id(decoded), "finetuned": file_id(finetuned),
-                                     "val": str(config.val)}, outputs, evaluate, log)
-    return {"scores": scores, "plan": str(plan_path), "clipq": str(packed), "decoded": str(decoded),
-            "clipq_bytes": packed.stat().st_size, "seconds": stages.seconds()}
-
-
-def method_layers(method, trained: Path, plain_net) -> list[sparse_codec.Layer]:
+def method_layers(method: methods.Method, trained: Path, plain_net) -> list[sparse_codec.Layer]:
     """Every layer with weights of a trained method caffemodel as the codec stores it: the method's
     layers as its export says, the others raw."""
     types = {layer.name: layer.type for layer in plain_net.layer}
@@ -322,38 +266,66 @@ def prepare_phase(phase, start: Path, layers: list[str], out: Path) -> str:
     return str(out)
 
 
+def compress_plan(config: CompressConfig, nets: Nets, stages: Stages, plan_path: Path, init_weights: Path,
+                  log) -> dict:
+    """One CLIP-Q plan through `compress_method` (the ClipQ method)."""
+    plan = load_plan(plan_path)
+    convert.check_plan(caffe_io.read_net_param(nets.test), plan, str(plan_path))
+    method = methods.ClipQ("clipq", {"plan": file_id(plan_path)}, plan=plan)
+    return {**compress_method(config, nets, stages, method, init_weights, log), "plan": str(plan_path)}
+
+
+def write_method_net(plain: Path, phase, title: str, out: Path) -> None:
+    with atomic_write(out) as f:
+        f.write(f"# {title}: {plain.name} with the method's Python layers\n"
+                f"{convert.to_method_net(caffe_io.read_net_param(plain), phase.roles)}")
+
+
+def run_phase(config: CompressConfig, nets: Nets, stages: Stages, method, phase, work: Path, weights: Path,
+              prefix: str, log) -> tuple[Path, Path]:
+    """prepare -> convert -> `caffe train` of one phase in `work`; (its test-set net, its trained weights)."""
+    settings = json.dumps(method.settings, sort_keys=True, default=str)
+    start = weights
+    if phase.prepare is not None:
+        start = work / "start.caffemodel"
+        stages.run(f"{prefix}prepare", {"weights": file_id(weights), "method": settings}, [start],
+                   lambda: prepare_phase(phase, weights, method.layers(), start), log)
+    title = f"{method.name}, phase {phase.name}"
+    test_net = work / f"{method.name}_train_val.prototxt"
+    stages.run(f"{prefix}convert", {"model": file_id(nets.test), "method": settings}, [test_net],
+               lambda: write_method_net(nets.test, phase, title, test_net), log)
+    train_net, val_entries = test_net, None
+    if nets.val is not None:  # fine-tuning monitors the validation images, never the test images
+        train_net = work / f"{method.name}_val_train_val.prototxt"
+        stages.run(f"{prefix}convert-val", {"model": file_id(nets.val), "method": settings}, [train_net],
+                   lambda: write_method_net(nets.val, phase, title, train_net), log)
+        val_entries = caffe_io.lmdb_entries(config.val)
+    finetuned = work / "finetuned.caffemodel"
+    solver = finetune_solver(config, train_net, work, val_entries, phase.share)
+    finetune_in = {"net": file_id(train_net), "solver": file_id(solver), "init": file_id(start)}
+
+    def finetune():
+        keep_snapshots_of(work / "finetune", finetune_in)
+        return str(train.train(solver, output=finetuned, weights=start, log=work / "finetune.log",
+                               progress=config.progress))
+
+    stages.run(f"{prefix}finetune", finetune_in, [finetuned], finetune, log)
+    return test_net, finetuned
+
+
 def compress_method(config: CompressConfig, nets: Nets, stages: Stages, method, init_weights: Path, log) -> dict:
-    """A compression method (methods.py) through its fine-tuning phases in Caffe, then export -> encode
-    -> decode -> evaluate, in the directory of `stages` (resumable stage by stage)."""
+    """A compression method (methods.py) through its fine-tuning phases in Caffe, then encode (its export,
+    in the .clipq codec) -> decode -> evaluate, in the directory of `stages` (resumable stage by stage). A
+    single-phase method works in that directory itself, a multi-phase one in a subdirectory per phase."""
     work = stages.path.parent
     plain = caffe_io.read_net_param(nets.test)
-    train_plain = nets.val or nets.test  # fine-tuning monitors the validation images, never the test images
-    val_entries = caffe_io.lmdb_entries(config.val) if nets.val is not None else None
-    method.bias = {layer.name: convert._own_blobs(layer) == 2 for layer in plain.layer if layer.name in method.layers()}
-    settings = json.dumps(method.settings, sort_keys=True, default=str)
+    method.bias = {layer.name: convert.own_blobs(layer) == 2 for layer in plain.layer if layer.name in method.layers()}
+    phases = method.phases()
     weights = Path(init_weights)
-    for phase in method.phases():
-        phase_dir = work / phase.name
-        start, net, finetuned = phase_dir / "start.caffemodel", phase_dir / "train_val.prototxt", phase_dir / "finetuned.caffemodel"
-        stages.run(f"{phase.name}/prepare", {"weights": file_id(weights), "method": settings}, [start],
-                   lambda: prepare_phase(phase, weights, method.layers(), start), log)
-
-        def write_net():
-            with atomic_write(net) as f:
-                f.write(f"# {method.name}, phase {phase.name}: {train_plain.name} with its Python layers\n"
-                        f"{convert.to_method_net(caffe_io.read_net_param(train_plain), phase.roles)}")
-
-        stages.run(f"{phase.name}/convert", {"model": file_id(train_plain), "method": settings}, [net], write_net, log)
-        solver = finetune_solver(config, net, phase_dir, val_entries, phase.share)
-        finetune_in = {"net": file_id(net), "solver": file_id(solver), "init": file_id(start)}
-
-        def finetune():
-            keep_snapshots_of(phase_dir / "finetune", finetune_in)
-            return str(train.train(solver, output=finetuned, weights=start, log=phase_dir / "finetune.log",
-                                   progress=config.progress))
-
-        stages.run(f"{phase.name}/train", finetune_in, [finetuned], finetune, log)
-        weights = finetuned
+    for phase in phases:
+        single = len(phases) == 1
+        test_net, weights = run_phase(config, nets, stages, method, phase, work if single else work / phase.name,
+                                      weights, "" if single else f"{phase.name}/", log)
 
     packed = work / "model.clipq"
 
@@ -363,6 +335,7 @@ def compress_method(config: CompressConfig, nets: Nets, stages: Stages, method, 
         with atomic_write(packed, "wb") as f:
             f.write(data)
 
+    settings = json.dumps(method.settings, sort_keys=True, default=str)
     stages.run("encode", {"weights": file_id(weights), "method": settings, "huffman": config.huffman}, [packed],
                encode, log)
     decoded = work / "decoded.caffemodel"
@@ -370,15 +343,17 @@ def compress_method(config: CompressConfig, nets: Nets, stages: Stages, method, 
                lambda: compressed_model.decode_file(packed, decoded), log)
 
     def evaluate():
-        scores = {"decoded": caffe_io.evaluate(nets.test, decoded)}
+        # One net at a time: the rc3 fallback build cannot have two nets reading one LMDB at once.
+        scores = {"method_net": caffe_io.evaluate(test_net, weights), "decoded": caffe_io.evaluate(nets.test, decoded)}
         if nets.val is not None:
             scores["decoded_val"] = score_val(nets.val, decoded, work / "val_correct.npy")
         return scores
 
     outputs = [work / "val_correct.npy"] if nets.val is not None else []
-    scores = stages.run("evaluate", {"decoded": file_id(decoded), "val": str(config.val)}, outputs, evaluate, log)
+    scores = stages.run("evaluate", {"decoded": file_id(decoded), "trained": file_id(weights),
+                                     "val": str(config.val)}, outputs, evaluate, log)
     return {"scores": scores, "clipq": str(packed), "decoded": str(decoded), "clipq_bytes": packed.stat().st_size,
-            "seconds": stages.seconds()}
+            "trained": str(weights), "seconds": stages.seconds()}
 
 
 def run(config: CompressConfig, log=print) -> dict:
