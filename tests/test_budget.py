@@ -124,3 +124,16 @@ def test_a_wide_gap_in_a_closed_bracket_is_filled_by_the_plan_between():
     assert budget.next_candidate(candidates, met) == 2  # again between 1 and the new miss
     close = [candidate((0.95, 6), 0.0226), candidate((0.96, 6), 0.020)]
     assert budget.next_candidate(close, {close[0].key: True, close[1].key: False}) is None  # < 1.25x apart
+
+
+def test_densified_fills_gaps_between_far_apart_neighbours_only():
+    from clipq.budget import Candidate, densified
+
+    big = Candidate({"a": LayerPlan(0.5, 4)}, 0.2, "path")
+    close = Candidate({"a": LayerPlan(0.55, 4)}, 0.18, "path")
+    small = Candidate({"a": LayerPlan(0.99, 2)}, 0.01, "path")
+    out = densified([big, close, small], ratio=1.5)
+    assert out[:2] == [big, close] and out[-1] == small
+    sizes = [c.size for c in out]
+    assert max(a / b for a, b in zip(sizes, sizes[1:])) <= 1.5
+    assert sizes == sorted(sizes, reverse=True)

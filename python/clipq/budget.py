@@ -170,6 +170,21 @@ def interpolate(larger: Candidate, smaller: Candidate) -> Candidate | None:
     return None if middle.key in (larger.key, smaller.key) else middle
 
 
+def densified(candidates: list[Candidate], ratio: float = 1.5, rounds: int = 4) -> list[Candidate]:
+    """The candidates with plans interpolated between neighbours whose sizes differ by more than `ratio`
+    (again between the new neighbours, up to `rounds` times): operating points where the path has gaps."""
+    out = list(candidates)
+    for _ in range(rounds):
+        filled = [out[0]] if out else []
+        for larger, smaller in zip(out, out[1:]):
+            middle = interpolate(larger, smaller) if larger.size > ratio * smaller.size else None
+            filled += [middle, smaller] if middle is not None else [smaller]
+        if len(filled) == len(out):
+            break
+        out = filled
+    return out
+
+
 def next_candidate(candidates: list[Candidate], met: dict[tuple, bool],
                    refine_ratio: float = 1.25) -> int | None:
     """The position of the next plan to fine-tune in `candidates` (which it may extend), or None when done.

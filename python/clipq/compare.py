@@ -129,8 +129,9 @@ def scaled(keep: dict[str, float], factor: float) -> dict[str, float]:
 
 
 def clipq_points(histories: dict, sizes: SizeModel, targets: tuple[float, ...]) -> list[dict[str, LayerPlan]]:
-    """The Lagrangian path's plans nearest (in log rate) to each target rate, without repeats, largest first."""
-    plans = [c.plan for c in budget.path_candidates(budget.lagrangian_path(histories))]
+    """The plans nearest (in log rate) to each target rate, without repeats, largest first: the Lagrangian
+    path's, with plans interpolated where the path leaves gaps (as the accuracy budget's rounds do)."""
+    plans = [c.plan for c in budget.densified(budget.path_candidates(budget.lagrangian_path(histories)))]
     rates = [sizes.rate(p) for p in plans]
     chosen = sorted({int(np.argmin([abs(math.log(r / t)) for r in rates])) for t in targets},
                     key=lambda i: rates[i])
