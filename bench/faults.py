@@ -217,6 +217,8 @@ def cli_cases(f: dict[str, str]) -> list[Case]:
     search = ["search", "--model", f["train_val"], "--layers", "ip2", *fast]
     comp = ["compress", "--model", f["train_val"], "--solver", f["solver"], "--max-iter", "1", *fast]
     train = ["train", "--no-progress"]
+    cmp = ["compare", "--model", f["train_val"], "--solver", f["solver"], "--max-iter", "1", *fast]
+    val = str(REPO / "cache" / "data" / "fashion_mnist" / "val_lmdb")
     existing = {"exists.txt": f["not_an_lmdb"]}  # an existing file given as --out
     table = {
         "encode": [
@@ -322,6 +324,18 @@ def cli_cases(f: dict[str, str]) -> list[Case]:
             ("existing file as --out", comp + ["--weights", f["weights"], "--plan", f["plan"],
                                                "--out", "{out}/exists.txt"], existing),
             ("--lam -5", comp + ["--weights", f["weights"], "--out", "{out}/c", "--lam", "-5"]),
+        ],
+        "compare": [
+            ("empty caffemodel", cmp + ["--weights", f["empty.caffemodel"], "--val", val, "--out", "{out}/c"]),
+            ("another net's weights", cmp + ["--weights", f["other_weights"], "--val", val, "--out", "{out}/c"]),
+            ("no --val", cmp + ["--weights", f["weights"], "--out", "{out}/c"]),
+            ("missing --val LMDB", cmp + ["--weights", f["weights"], "--val", "{out}/no_lmdb", "--out", "{out}/c"]),
+            ("text file as --val", cmp + ["--weights", f["weights"], "--val", f["not_an_lmdb"], "--out", "{out}/c"]),
+            ("--targets 0.5", cmp + ["--weights", f["weights"], "--val", val, "--out", "{out}/c", "--targets", "0.5"]),
+            ("--methods without clipq", cmp + ["--weights", f["weights"], "--val", val, "--out", "{out}/c",
+                                               "--methods", "dns"]),
+            ("existing file as --out", cmp + ["--weights", f["weights"], "--val", val, "--out", "{out}/exists.txt"],
+             existing),
         ],
         "train": [
             ("missing solver", train + ["--solver", "{out}/none.prototxt"]),

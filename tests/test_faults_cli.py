@@ -37,6 +37,7 @@ def assets(tmp_path_factory, fashion_mnist_slices) -> Path:
     datasets.write_lmdb(datasets.Split(rng.integers(0, 256, (8, 1, 8, 8), dtype=np.uint8), np.zeros(8, int)),
                         a / "small8_lmdb")
     _train_val(a / "tv8.prototxt", a / "small8_lmdb")
+    (a / "val_lmdb").symlink_to(fashion_mnist_slices["tiny"])
     data = nets.DataSpec("unused", "unused", train_batch=8, test_batch=8, input_shape=(8, 1, 28, 28), scale=1 / 256)
     (a / "deploy.prototxt").write_text(str(nets.deploy("t", nets.lenet5_body, data)))
     (a / "lenet300.prototxt").write_text(str(nets.deploy("o", nets.lenet300_100_body, data)))
@@ -61,6 +62,8 @@ def assets(tmp_path_factory, fashion_mnist_slices) -> Path:
 
 GOOD_SEARCH = "search --model {a}/tv.prototxt --weights {a}/w.caffemodel --out {o}/s"
 GOOD_COMPRESS = "compress --model {a}/tv.prototxt --weights {a}/w.caffemodel --solver {a}/solver.prototxt --out {o}/c"
+GOOD_COMPARE = ("compare --model {a}/tv.prototxt --weights {a}/w.caffemodel --solver {a}/solver.prototxt "
+                "--out {o}/c --val {a}/val_lmdb")
 GOOD_ZOO = "zoo --model {a}/deploy.prototxt --weights {a}/w.caffemodel --out {o}/z --p 0.5 --b 4"
 EVALUATE = "evaluate --model {a}/tv.prototxt --weights {a}/w.caffemodel"
 
@@ -129,6 +132,18 @@ CASES = [  # (id, command line, what the message must name, run in a subprocess)
     ("compress-zero-max-iter", GOOD_COMPRESS + " --max-iter 0", "argument --max-iter", False),
     ("compress-zero-rounds", GOOD_COMPRESS + " --rounds 0", "argument --rounds", False),
     ("compress-negative-max-drop", GOOD_COMPRESS + " --max-drop -1", "argument --max-drop", False),
+    ("compare-without-val", GOOD_COMPARE.replace(" --val {a}/val_lmdb", ""), "--val", False),
+    ("compare-missing-val", GOOD_COMPARE.replace("{a}/val_lmdb", "{a}/nowhere_lmdb"), "nowhere_lmdb", False),
+    ("compare-val-images-too-small", GOOD_COMPARE.replace("{a}/val_lmdb", "{a}/small8_lmdb"), "small8_lmdb", True),
+    ("compare-empty-weights", GOOD_COMPARE.replace("w.caffemodel", "empty.caffemodel"),
+     "empty.caffemodel: not a caffemodel", False),
+    ("compare-another-nets-weights", GOOD_COMPARE.replace("w.caffemodel", "other.caffemodel"), "other.caffemodel",
+     False),
+    ("compare-target-below-1", GOOD_COMPARE + " --targets 0.5 40", "--targets", False),
+    ("compare-unknown-method", GOOD_COMPARE + " --methods clipq magic", "argument --methods", False),
+    ("compare-without-clipq", GOOD_COMPARE + " --methods dns lc", "--methods must include clipq", False),
+    ("compare-zero-lc-steps", GOOD_COMPARE + " --lc-steps 0", "argument --lc-steps", False),
+    ("compare-out-is-a-file", GOOD_COMPARE.replace("{o}/c", "{a}/plan.yaml"), "is a file, not a directory", False),
     ("zoo-out-is-a-file", "zoo --model {a}/deploy.prototxt --weights {a}/w.caffemodel --out {a}/plan.yaml "
      "--p 0.5 --b 4", "is a file, not a directory", False),
     ("zoo-zero-batch", GOOD_ZOO + " --batch 0", "argument --batch", False),

@@ -219,7 +219,7 @@ def _compare(args) -> int:
     from clipq import compare, pipeline
 
     cc = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, None, _settings(args), args.jobs,
-                                 args.max_iter, False, not args.no_progress, val=args.val)
+                                 args.max_iter, args.huffman, not args.no_progress, val=args.val)
     config = compare.CompareConfig(cc, tuple(args.targets), args.matched, tuple(args.methods), args.lc_steps)
     compare.run(config, log=lambda msg: print(msg, file=sys.stderr))
     print((args.out / "compare.md").read_text())
@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                    help=f"methods to run (default all: {' '.join(METHODS)})")
     p.add_argument("--lc-steps", type=positive_int, default=5, help="LC's L steps (default 5)")
+    p.add_argument("--huffman", action="store_true",
+                   help="Huffman-code every method's .clipq streams (Deep Compression's third stage; the operating "
+                        "points are still placed by the sizes without it)")
     p.add_argument("--max-iter", type=positive_int, help="fine-tuning iterations per method (default: the solver's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _search_arguments(p)
