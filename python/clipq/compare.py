@@ -60,8 +60,10 @@ class CompareConfig:
     matched: int = 2                    # baselines at the sizes of CLIP-Q's `matched` smallest points
     methods: tuple[str, ...] = METHODS
     lc_steps: int = 5
-    lc_mu0: float = 0.05
-    lc_growth: float = 2.0
+    # LC's mu_k = mu0 * growth**k: by the last L step mu ~ 30, large enough that w ends near theta (a first
+    # run with 0.05 * 2**k, last mu 0.8, left w far from theta: its projection lost 20+ points)
+    lc_mu0: float = 0.5
+    lc_growth: float = 2.8
     dns_stop: float = 0.5               # DNS surgery until this fraction of the iterations
 
     def check(self) -> None:
