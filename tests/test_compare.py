@@ -84,3 +84,22 @@ def test_compare_writes_table_plot_and_json_and_resumes(compared, trained_mlp):
     again = compare.run(compare.CompareConfig(cc, targets=(10.0, 40.0), matched=1, lc_steps=2), log=lines.append)
     assert [r["bytes"] for r in again["rows"]] == [r["bytes"] for r in report["rows"]]
     assert not any(line.endswith("finetune] ...") for line in lines)  # nothing trained twice
+
+
+def test_summary_of_compare_runs_has_a_row_per_method_and_operating_point(compared):
+    from clipq import summary
+
+    report, out = compared
+    text = summary.table(summary.load_reports([out, out]))
+    rows = [line for line in text.splitlines()[2:]]
+    assert len(rows) == len({(r["method"], r["slot"]) for r in report["rows"]})
+    assert all("| 2 (0, 0) |" in row for row in rows)
+
+
+def test_summary_refuses_compress_and_compare_runs_together(compared, tmp_path):
+    from clipq import summary
+
+    _, out = compared
+    (tmp_path / "report.json").write_text("{}")
+    with pytest.raises(ClipqError, match="not both"):
+        summary.table(summary.load_reports([out, tmp_path]))

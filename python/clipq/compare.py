@@ -82,7 +82,8 @@ class CompareConfig:
 @dataclass(frozen=True)
 class Point:
     method: str        # one of METHODS
-    label: str         # the operating point, for the table
+    slot: str          # which operating point, the same across seeds: "CLIP-Q point 2", "paper setting", ...
+    label: str         # the operating point's settings, for the table
     make: Callable[[], Method]
 
 
@@ -158,8 +159,8 @@ def operating_points(config: CompareConfig, net_name: str, sizes: SizeModel, his
     weights = {n: sizes.blobs[n][0] for n in layers}
     seed = c.compress.settings.seed
     plans = clipq_points(histories, sizes, c.targets)
-    points = [Point("clipq", f"{sizes.rate(p):.0f}x plan: {plan_label(p)}",
-                    lambda p=p: ClipQ("clipq", {"plan": plan_label(p)}, plan=p)) for p in plans]
+    points = [Point("clipq", f"CLIP-Q point {i}", f"{sizes.rate(p):.0f}x plan: {plan_label(p)}",
+                    lambda p=p: ClipQ("clipq", {"plan": plan_label(p)}, plan=p)) for i, p in enumerate(plans, 1)]
     paper = PAPER_SETTINGS.get(net_name, {})
     dc_shape = paper.get("deep-compression") or {n: (1 - lp.p, lp.bits) for n, lp in plans[-1].items()}
     dns_shape = paper.get("dns") or {n: 1 - lp.p for n, lp in plans[-1].items()}
@@ -167,20 +168,21 @@ def operating_points(config: CompareConfig, net_name: str, sizes: SizeModel, his
         raise ClipqError(f"published settings for {net_name} name layers {sorted(dc_shape)}; the net has {layers}")
     if "deep-compression" in c.methods and net_name in PAPER_SETTINGS:
         paper_plan = kept_plan({n: k for n, (k, _) in dc_shape.items()}, {n: b for n, (_, b) in dc_shape.items()})
-        points.append(Point("deep-compression", f"paper setting: {plan_label(paper_plan)}",
+        points.append(Point("deep-compression", "paper setting", f"paper setting: {plan_label(paper_plan)}",
                             lambda p=paper_plan: PruneThenShare("deep-compression", {"plan": plan_label(p)}, plan=p)))
-    for target_plan in plans[-c.matched:]:
+    for number, target_plan in list(enumerate(plans, 1))[-c.matched:]:
         target = sizes.bytes(target_plan)
         tag = f"at {sizes.original / target:.0f}x"
+        slot = f"size of CLIP-Q point {number}"
         if "uniform" in c.methods:
             total = sum(np.size(weights[n]) * (1 - lp.p) for n, lp in target_plan.items())
             bits = round(sum(np.size(weights[n]) * (1 - lp.p) * lp.bits for n, lp in target_plan.items()) / total)
             p = 1 - bisect(lambda k: {n: LayerPlan(min(1 - k, 0.9999), bits) for n in layers}, sizes, target, 1e-4, 1.0)
             uniform = {n: LayerPlan(round(min(p, 0.9999), 4), bits) for n in layers}
-            points.append(Point("uniform", f"{tag}: p {p:.3f}, b {bits}",
+            points.append(Point("uniform", slot, f"{tag}: p {p:.3f}, b {bits}",
                                 lambda u=uniform: ClipQ("uniform", {"plan": plan_label(u)}, plan=u)))
         if "sequential" in c.methods:
-            points.append(Point("sequential", f"{tag}: CLIP-Q's plan",
+            points.append(Point("sequential", slot, f"{tag}: CLIP-Q's plan",
                                 lambda p=target_plan: PruneThenShare("sequential", {"plan": plan_label(p)}, plan=p,
                                                                      rule="sequential")))
         if "deep-compression" in c.methods:
@@ -188,7 +190,7 @@ def operating_points(config: CompareConfig, net_name: str, sizes: SizeModel, his
             bits = {n: b for n, (_, b) in dc_shape.items()}
             factor = bisect(lambda f: kept_plan(scaled(keep, f), bits), sizes, target, 1e-3, 1 / min(keep.values()))
             dc = kept_plan(scaled(keep, factor), bits)
-            points.append(Point("deep-compression", f"{tag}: {plan_label(dc)}",
+            points.append(Point("deep-compression", slot, f"{tag}: {plan_label(dc)}",
                                 lambda p=dc: PruneThenShare("deep-compression", {"plan": plan_label(p)}, plan=p)))
         if "dns" in c.methods:
             factor = bisect(lambda f: kept_plan(scaled(dns_shape, f), STORE_BITS), sizes, target, 1e-3,
@@ -196,7 +198,7 @@ def operating_points(config: CompareConfig, net_name: str, sizes: SizeModel, his
             keep = scaled(dns_shape, factor)
             rates = {n: round(surgery.c_rate_for(weights[n], k), 4) for n, k in keep.items()}
             stop = round(c.dns_stop * iterations)
-            points.append(Point("dns", f"{tag}: keep " + " ".join(f"{n} {k:.3f}" for n, k in keep.items()),
+            points.append(Point("dns", slot, f"{tag}: keep " + " ".join(f"{n} {k:.3f}" for n, k in keep.items()),
                                 lambda r=rates: Surgery("dns", {"c_rates": r, "iter_stop": stop, "seed": seed},
                                                         c_rates=r, iter_stop=stop, seed=seed)))
         if "lc" in c.methods:
@@ -204,7 +206,7 @@ def operating_points(config: CompareConfig, net_name: str, sizes: SizeModel, his
             kappa = round(bisect(lambda k: kept_plan(global_kept(weights, max(1, round(k))), STORE_BITS), sizes,
                                  target, 1, n_all))
             lc = dict(kappa=kappa, steps=c.lc_steps, mu0=c.lc_mu0, growth=c.lc_growth)
-            points.append(Point("lc", f"{tag}: kappa {kappa:,} ({100 * kappa / n_all:.2f}%)",
+            points.append(Point("lc", slot, f"{tag}: kappa {kappa:,} ({100 * kappa / n_all:.2f}%)",
                                 lambda lc=lc: LearningCompression("lc", lc, names=list(layers), **lc)))
     return points
 
@@ -236,13 +238,13 @@ def _compare(config: CompareConfig, log) -> dict:
         result = pipeline.compress_method(cc, nets, pipeline.Stages(work), point.make(), Path(cc.weights), log)
         drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
         _, stored = compressed_model.read_file(result["clipq"])
-        rows.append({"method": point.method, "label": LABELS[point.method], "point": point.label,
+        rows.append({"method": point.method, "label": LABELS[point.method], "slot": point.slot, "point": point.label,
                      "bytes": result["clipq_bytes"], "rate": size.overall(stored).original / result["clipq_bytes"],
                      "test_top1": result["scores"]["decoded"]["accuracy"],
                      "test_drop": 100 * (baseline["test"]["accuracy"] - result["scores"]["decoded"]["accuracy"]),
                      "val_drop": drop.points, "val_drop_se": drop.se, "iterations": iterations,
                      "seconds": round(sum(result["seconds"].values()), 1), "dir": str(work)})
-    report = {"model": str(cc.model), "net": net.name, "weights": str(cc.weights), "solver": str(cc.solver),
+    report = {"model": str(cc.model), "net": net.name, "seed": cc.settings.seed, "weights": str(cc.weights), "solver": str(cc.solver),
               "iterations": iterations, "baseline": {"test_top1": baseline["test"]["accuracy"],
                                                      "val_top1": baseline["val"]["accuracy"]},
               "settings": asdict(cc.settings), "targets": list(config.targets), "rows": rows,

@@ -1,5 +1,6 @@
 """`clipq summary`: several `clipq compress` runs (e.g. seeds) of the same nets as one table, mean and
-min-max, so that a result is reported with its spread rather than as one run."""
+min-max, so that a result is reported with its spread rather than as one run; or several `clipq compare`
+runs, one row per net, method and operating point."""
 
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ from clipq.errors import ClipqError
 
 
 def load_reports(directories: list[Path]) -> list[dict]:
-    """The report.json of each `clipq compress` output directory."""
+    """The report.json of each `clipq compress` output directory (compare.json of a `clipq compare` one)."""
     reports = []
     for directory in directories:
-        path = Path(directory) / "report.json"
+        name = "compare.json" if (Path(directory) / "compare.json").exists() else "report.json"
+        path = Path(directory) / name
         try:
-            reports.append(json.loads(path.read_text()) | {"out": str(directory)})
+            reports.append(json.loads(path.read_text()) | {"out": str(directory), "kind": name})
         except OSError as e:
-            raise ClipqError(f"{path}: cannot read ({e.strerror}); is {directory} a finished `clipq compress` --out?") \
-                from None
+            raise ClipqError(f"{path}: cannot read ({e.strerror}); is {directory} a finished `clipq compress` "
+                             "(or `clipq compare`) --out?") from None
         except json.JSONDecodeError as e:
             raise ClipqError(f"{path}: not JSON ({e})") from None
     return reports
@@ -49,6 +51,11 @@ def _spread(values: list[float], fmt: str) -> str:
 
 def table(reports: list[dict]) -> str:
     """Markdown: one row per net (the train_val's name), mean (min .. max) over its runs."""
+    kinds = {report.get("kind", "report.json") for report in reports}
+    if len(kinds) > 1:
+        raise ClipqError("give either `clipq compress` or `clipq compare` output directories, not both")
+    if kinds == {"compare.json"}:
+        return compare_table(reports)
     by_net: dict[str, list[dict]] = defaultdict(list)
     for report in reports:
         by_net[report["model"]].append(run_facts(report))
@@ -66,4 +73,23 @@ def table(reports: list[dict]) -> str:
             f"| {_spread([r['test_drop'] for r in runs], '{:+.2f}')} "
             f"| {_spread(val, '{:+.2f}') if val else 'n/a'} | {_spread([r['bytes'] for r in runs], '{:,.0f}')} "
             f"| {_spread([r['rate'] for r in runs], '{:.1f}x')} | {budget} |")
+    return "\n".join(head + rows)
+
+
+def compare_table(reports: list[dict]) -> str:
+    """Markdown: one row per net, method and operating point of `clipq compare` runs, mean (min .. max)."""
+    from clipq.compare import LABELS
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for report in reports:
+        for row in report["rows"]:
+            groups[(Path(report["model"]).parent.name, row["method"], row["slot"])].append(
+                row | {"seed": report.get("seed"), "baseline": report["baseline"]["test_top1"]})
+    head = ["| net | method | operating point | runs (seeds) | `.clipq` bytes | rate | test top-1 % | test drop "
+            "(points) |", "|---|---|---|---|---|---|---|---|"]
+    rows = [f"| {net} | {LABELS[method]} | {slot} | {len(runs)} ({', '.join(str(r['seed']) for r in runs)}) "
+            f"| {_spread([r['bytes'] for r in runs], '{:,.0f}')} | {_spread([r['rate'] for r in runs], '{:.1f}x')} "
+            f"| {_spread([100 * r['test_top1'] for r in runs], '{:.2f}')} "
+            f"| {_spread([r['test_drop'] for r in runs], '{:+.2f}')} |"
+            for (net, method, slot), runs in groups.items()]
     return "\n".join(head + rows)
