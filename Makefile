@@ -67,12 +67,15 @@ results: baseline       ## the README's results table: both LeNets x SEEDS with 
 COMPARE_SEEDS ?= 0
 
 compare: baseline       ## CLIP-Q vs Deep Compression, DNS, LC, sequential, uniform on both LeNets (clipq compare)
-	@for net in $(NETS); do for seed in $(COMPARE_SEEDS); do \
-	    echo "== $$net, seed $$seed: cache/compare/$${net}_seed$$seed"; \
+	@mkdir -p cache/compare; for net in $(NETS); do for seed in $(COMPARE_SEEDS); do \
+	    echo "== $$net, seed $$seed: cache/compare/$${net}_seed$$seed (log: cache/compare/$${net}_seed$$seed.txt)"; \
 	    $(CLIPQ) compare --model prototxt/$$net/train_val.prototxt --weights $(MODELS)/$${net}_fashion_mnist_55k.caffemodel \
 	        --solver solvers/$${net}_clipq_solver.prototxt --out cache/compare/$${net}_seed$$seed --val $(VAL) \
-	        --lam $(LAMBDA) --seed $$seed || exit 1; \
+	        --lam $(LAMBDA) --seed $$seed --no-progress > cache/compare/$${net}_seed$$seed.txt 2>&1 \
+	        || { tail -5 cache/compare/$${net}_seed$$seed.txt; exit 1; }; \
 	done; done
+	$(CLIPQ) summary $(foreach net,$(NETS),$(foreach seed,$(COMPARE_SEEDS),cache/compare/$(net)_seed$(seed))) \
+	    | tee cache/compare/summary.md
 
 demo: compress          ## install, data, baselines, then the CLIP-Q pipeline with --max-drop on LeNet-5 (FULL=1: both LeNets)
 	@echo; echo "Fashion-MNIST test top-1 of the baselines (10,000 images):"
