@@ -268,31 +268,49 @@ def frontier(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: r["rate"])
 
 
+PLOT_RANGE = 15.0  # points below the baseline the plot shows; lower results sit on its floor, labelled
+
+
 def plot(report: dict, path: Path) -> None:
     """Rate (log x) against test top-1, one colour per method, each method's frontier as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    baseline = 100 * report["baseline"]["test_top1"]
+    floor = max(min(100 * r["test_top1"] for r in report["rows"]) - 1, baseline - PLOT_RANGE)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    on_floor: dict[int, int] = {}  # labels at about the same rate stack upwards
     for method in METHODS:
         rows = [r for r in report["rows"] if r["method"] == method]
         if not rows:
             continue
         line = frontier(rows)
         marker = "*" if method == "clipq" else "o"
-        handle = ax.plot([r["rate"] for r in line], [100 * r["test_top1"] for r in line], marker=marker,
-                         markersize=12 if method == "clipq" else 6, label=LABELS[method])[0]
-        ax.scatter([r["rate"] for r in rows], [100 * r["test_top1"] for r in rows], color=handle.get_color(),
-                   marker=marker, s=30)
-    ax.axhline(100 * report["baseline"]["test_top1"], color="gray", linestyle="--", linewidth=1,
-               label="uncompressed baseline")
+        shown = [max(100 * r["test_top1"], floor) for r in line]
+        handle = ax.plot([r["rate"] for r in line], shown, marker=marker, markersize=12 if method == "clipq" else 6,
+                         label=LABELS[method])[0]
+        for r in rows:
+            top1 = 100 * r["test_top1"]
+            ax.scatter(r["rate"], max(top1, floor), color=handle.get_color(), s=30,
+                       marker=marker if top1 >= floor else "v")
+            if top1 < floor:
+                bucket = round(10 * math.log10(r["rate"]))
+                on_floor[bucket] = on_floor.get(bucket, 0) + 1
+                ax.annotate(f"{top1:.1f}%", (r["rate"], floor), textcoords="offset points",
+                            xytext=(4, 10 * on_floor[bucket] - 6), fontsize=7, color=handle.get_color())
+    ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="uncompressed baseline")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}x" if str(int(x))[0] in "2358" else ""))
+    ax.set_ylim(floor - 0.5, baseline + 1.5)
     ax.set_xlabel("compression rate (float32 bytes / .clipq bytes, log scale)")
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"{report['net']}: {report['iterations']:,} fine-tuning iterations per method")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{report['net']} (seed {report.get('seed', 0)}): {report['iterations']:,} fine-tuning iterations "
+                 "per method", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
