@@ -32,7 +32,8 @@ PLAN = REPO / "prototxt" / "alexnet" / "paper_params.yaml"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each step after a warm-up (median reported)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each step after a warm-up (median reported)")
     args = parser.parse_args(argv)
     cf = caffe_io.caffe()
     cf.set_mode_cpu()

@@ -11,6 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
+def caffe_has_opencv() -> bool:
+    """Whether the Caffe clipq runs on was built with OpenCV (its build stamp says so)."""
+    from clipq import caffe_io, doctor
+
+    root = Path(caffe_io.caffe().__file__).resolve().parents[2]
+    return doctor.read_build_stamp(root).get("opencv") == "1"
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -38,7 +38,8 @@ def net_pair(tmp_path, kind, param, p, bits):
     param_str = json.dumps({"p": p, "bits": bits, field: param, "name": "layer"}).replace("'", "\\'")
     clipq_net = (head + f' layer {{ name: "layer" type: "Python" bottom: "x" top: "y" python_param {{ '
                  f"module: 'clipq_layers' layer: '{cls}' param_str: '{param_str}' }} }}")
-    plain_net = head + f' layer {{ name: "layer" type: "{kind}" bottom: "x" top: "y" {field} {{ {text_param(kind, param)} }} }}'
+    plain_net = head + (f' layer {{ name: "layer" type: "{kind}" bottom: "x" top: "y" '
+                        f'{field} {{ {text_param(kind, param)} }} }}')
     (tmp_path / "clipq.prototxt").write_text(clipq_net)
     (tmp_path / "plain.prototxt").write_text(plain_net)
     return (cf.Net(str(tmp_path / "clipq.prototxt"), cf.TRAIN), cf.Net(str(tmp_path / "plain.prototxt"), cf.TRAIN))
@@ -151,10 +152,12 @@ def test_a_first_layer_gets_the_same_weight_gradient_every_iteration(tmp_path):
     param_str = json.dumps({"p": 0.3, "bits": 4, field: CONV, "name": "layer"})
     clipq_layer = (f'layer {{ name: "layer" type: "Python" bottom: "x" top: "y" python_param {{ '
                    f"module: 'clipq_layers' layer: 'ClipQConvolution' param_str: '{param_str}' }} }}")
-    plain_layer = f'layer {{ name: "layer" type: "Convolution" bottom: "x" top: "y" {field} {{ {text_param("Convolution", CONV)} }} }}'
+    plain_layer = (f'layer {{ name: "layer" type: "Convolution" bottom: "x" top: "y" '
+                   f'{field} {{ {text_param("Convolution", CONV)} }} }}')
     (tmp_path / "c.prototxt").write_text(data + clipq_layer + loss)
     (tmp_path / "p.prototxt").write_text(data + plain_layer + loss)
-    clipq_net, plain_net = cf.Net(str(tmp_path / "c.prototxt"), cf.TRAIN), cf.Net(str(tmp_path / "p.prototxt"), cf.TRAIN)
+    clipq_net = cf.Net(str(tmp_path / "c.prototxt"), cf.TRAIN)
+    plain_net = cf.Net(str(tmp_path / "p.prototxt"), cf.TRAIN)
     for _ in range(3):
         plain_net.params["layer"][0].data[...] = clip_quantize(clipq_net.params["layer"][0].data, 0.3, 4).weights
         plain_net.params["layer"][1].data[...] = clipq_net.params["layer"][1].data

@@ -245,7 +245,8 @@ def _compare(config: CompareConfig, log) -> dict:
                      "val_drop": drop.points, "val_drop_se": drop.se, "iterations": iterations,
                      "seconds": round(sum(result["seconds"].values()), 1), "dir": str(work)})
     report = {"model": str(cc.model), "net": net.name, "seed": cc.settings.seed, "weights": str(cc.weights),
-              "solver": str(cc.solver), "iterations": iterations, "baseline": {"test_top1": baseline["test"]["accuracy"],
+              "solver": str(cc.solver), "iterations": iterations,
+              "baseline": {"test_top1": baseline["test"]["accuracy"],
                                                      "val_top1": baseline["val"]["accuracy"]},
               "settings": asdict(cc.settings), "targets": list(config.targets), "rows": rows,
               "seconds": round(sum(stages.seconds().values()) + sum(r["seconds"] for r in rows), 1)}

@@ -102,8 +102,8 @@ def write_lmdb(split: Split, out: Path, batch: int = 5000) -> None:
                     txn.put(b"%08d" % i, datum)
         env.close()
         verify_lmdb(tmp, split)
-        (tmp / DONE_FILE).write_text(json.dumps({"count": int(len(split.labels)),
-                                                 "shape": list(_chw(split.images[0]).shape) if len(split.labels) else []}))
+        shape = list(_chw(split.images[0]).shape) if len(split.labels) else []
+        (tmp / DONE_FILE).write_text(json.dumps({"count": int(len(split.labels)), "shape": shape}))
 
 
 def _chw(image: np.ndarray) -> np.ndarray:

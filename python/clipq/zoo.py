@@ -558,10 +558,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.description, parser.epilog = DESCRIPTION, EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--model", type=Path, required=True,
+    parser.add_argument("--experiment", type=Path, metavar="DIR",
+                        help="a `clipq init` directory: its deploy, baseline caffemodel, train_val, clipq_solver and "
+                             "validation LMDB are the defaults of --model, --weights, --train-val, --solver and "
+                             "--val, DIR/zoo of --out")
+    parser.add_argument("--model", type=Path,
                         help="deploy prototxt (Input layer or old input fields; V1 'layers' is upgraded)")
-    parser.add_argument("--weights", type=Path, required=True, help="its trained caffemodel (V1 is upgraded)")
-    parser.add_argument("--out", type=work_dir, required=True,
+    parser.add_argument("--weights", type=Path, help="its trained caffemodel (V1 is upgraded)")
+    parser.add_argument("--out", type=work_dir,
                         help="work and output directory (upgraded files, plan.yaml, model.clipq, reports); "
                              "an existing one is reused")
     parser.add_argument("--list", action="store_true",
@@ -599,6 +603,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ZooConfig:
+    from clipq.cli import from_experiment
+
+    from_experiment(args, {"model": "deploy", "weights": "weights", "train_val": "train_val", "solver": "clipq_solver",
+                           "val": "val_lmdb"}, "zoo", optional=("train_val", "solver", "val"))
     settings = SearchSettings(lam=args.lam, iterations=args.iterations, subset=args.subset, seed=args.seed)
     return ZooConfig(args.model, args.weights, args.out, plan=args.plan, p=args.p, bits=args.b, search=args.search,
                      train_val=args.train_val, solver=args.solver, settings=settings, jobs=args.jobs,

@@ -1,0 +1,110 @@
+"""`clipq data`: the stratified split, the Datums as Caffe reads them (BGR, raw or encoded), the mean file,
+and the refusals (an existing output, ragged images)."""
+
+from __future__ import annotations
+
+import json
+
+import lmdb
+import numpy as np
+import pytest
+
+from clipq import caffe_io, data_import, image_sources
+from clipq.errors import ClipqError
+from conftest import caffe_has_opencv
+
+RNG = np.random.default_rng(1)
+
+
+def arrays_source(images: np.ndarray, labels: np.ndarray) -> image_sources.Source:
+    examples = [image_sources.Example(f"img{i}", int(label), lambda i=i: images[i]) for i, label in enumerate(labels)]
+    return image_sources.Source("npz", examples, [str(c) for c in range(labels.max() + 1)])
+
+
+def read_lmdb(path) -> list[tuple[np.ndarray, int]]:
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    with env.begin() as txn:
+        items = [caffe_io.datum_to_image(raw) for _, raw in txn.cursor()]
+    env.close()
+    return items
+
+
+def test_split_is_stratified_disjoint_complete_and_seeded():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    splits = data_import.stratified_split(labels, 0.1, 0.2, seed=3)
+    assert sorted(sum(splits.values(), [])) == list(range(100))
+    assert [sum(labels[i] == 2 for i in splits["val"]), sum(labels[i] == 2 for i in splits["test"])] == [2, 4]
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [70, 10, 20]
+    assert splits == data_import.stratified_split(labels, 0.1, 0.2, seed=3)
+    assert splits != data_import.stratified_split(labels, 0.1, 0.2, seed=4)
+
+
+def test_split_fractions_must_leave_training_images():
+    with pytest.raises(ClipqError, match="together below 1"):
+        data_import.stratified_split([0, 1], 0.5, 0.5, 0)
+
+
+def test_colour_images_are_stored_bgr_and_the_mean_is_the_training_images(tmp_path):
+    images = RNG.integers(0, 256, (30, 3, 4, 5), dtype=np.uint8)
+    labels = np.arange(30) % 3
+    info = data_import.import_images(arrays_source(images, labels), tmp_path / "d",
+                                     data_import.ImportSettings(val=0.2, test=0.2), progress=False)
+    assert {name: s["count"] for name, s in info["splits"].items()} == {"train": 18, "val": 6, "test": 6}
+    stored = {name: read_lmdb(tmp_path / "d" / f"{name}_lmdb") for name in ("train", "val", "test")}
+    rgb = {image[::-1].tobytes(): label for split in stored.values() for image, label in split}
+    assert rgb == {image.tobytes(): label for image, label in zip(images, labels)}  # every image once, BGR
+    train = np.stack([image for image, _ in stored["train"]]).astype(np.float64)
+    mean = data_import.read_mean(tmp_path / "d" / "mean.binaryproto")
+    np.testing.assert_allclose(mean, train.mean(axis=0), rtol=1e-6)
+    assert json.loads((tmp_path / "d" / "dataset.json").read_text())["channel_order"] == "BGR"
+
+
+def test_resize_and_grey_conversion_give_one_shape(tmp_path):
+    images = RNG.integers(0, 256, (6, 3, 10, 8), dtype=np.uint8)
+    settings = data_import.ImportSettings(val=0, test=0.5, resize=(4, 6), color="gray")
+    data_import.import_images(arrays_source(images, np.arange(6) % 2), tmp_path / "d", settings, progress=False)
+    assert {image.shape for image, _ in read_lmdb(tmp_path / "d" / "train_lmdb")} == {(1, 4, 6)}
+    assert not (tmp_path / "d" / "val_lmdb").exists()
+
+
+def test_ragged_images_are_refused_by_name_and_nothing_is_left(tmp_path):
+    images = [np.zeros((1, 8, 8), np.uint8)] * 5 + [np.zeros((1, 9, 8), np.uint8)]
+    examples = [image_sources.Example(f"photo{i}.png", 0, lambda i=i: images[i]) for i in range(6)]
+    with pytest.raises(ClipqError, match=r"photo5.png: image is 1x9x8 .* first image is 1x8x8.*--resize"):
+        data_import.import_images(image_sources.Source("folder", examples, ["a"]), tmp_path / "d",
+                                  data_import.ImportSettings(val=0, test=0), progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_output_is_never_overwritten(tmp_path):
+    (tmp_path / "d").mkdir()
+    images = np.zeros((3, 1, 2, 2), np.uint8)
+    with pytest.raises(ClipqError, match="already exists"):
+        data_import.import_images(arrays_source(images, np.zeros(3, int)), tmp_path / "d",
+                                  data_import.ImportSettings(), progress=False)
+
+
+def caffe_batch(source, batch: int) -> np.ndarray:
+    """One batch of a real Caffe Data layer on `source`."""
+    prototxt = source.parent / "data_layer.prototxt"
+    prototxt.write_text(f'layer {{ name: "d" type: "Data" top: "data" top: "label" '
+                        f'data_param {{ source: "{source}" batch_size: {batch} backend: LMDB }} }}')
+    cf = caffe_io.caffe()
+    net = cf.Net(str(prototxt), cf.TEST)
+    return net.forward()["data"].copy()  # a view into the net, which is freed on return
+
+
+def test_caffe_reads_raw_and_encoded_datums_as_the_same_pixels(tmp_path):
+    images = RNG.integers(0, 256, (8, 3, 6, 6), dtype=np.uint8)
+    for encoded in (None, "png"):
+        if encoded and not caffe_has_opencv():
+            pytest.skip("this Caffe is built without OpenCV: encoded Datums cannot be decoded")
+        out = tmp_path / f"d_{encoded}"
+        data_import.import_images(arrays_source(images, np.arange(8) % 2), out,
+                                  data_import.ImportSettings(val=0, test=0, encoded=encoded), progress=False)
+        stored = [image for image, _ in read_lmdb(out / "train_lmdb")] if not encoded else None
+        batch = caffe_batch(out / "train_lmdb", 8)
+        expected = {image[::-1].tobytes() for image in images}
+        assert {np.uint8(b).tobytes() for b in batch} == expected
+        if stored is not None:
+            assert {s.tobytes() for s in stored} == expected
