@@ -108,3 +108,36 @@ def test_caffe_reads_raw_and_encoded_datums_as_the_same_pixels(tmp_path):
         assert {np.uint8(b).tobytes() for b in batch} == expected
         if stored is not None:
             assert {s.tobytes() for s in stored} == expected
+
+
+def test_a_jpeg_folder_through_convert_imageset_and_through_clipq_data_gives_the_same_images(tmp_path):
+    """Caffe's route (list file -> convert_imageset -> compute_image_mean) and `clipq data` on the same JPEGs."""
+    import subprocess
+
+    from PIL import Image
+
+    if not caffe_has_opencv():
+        pytest.skip("this Caffe is built without OpenCV: no convert_imageset")
+    photos = tmp_path / "photos"
+    lines = []
+    for i in range(12):
+        (photos / f"class{i % 3}").mkdir(parents=True, exist_ok=True)
+        name = f"class{i % 3}/{i:02d}.jpg"
+        Image.fromarray(RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(photos / name, quality=95)
+        lines.append(f"{name} {i % 3}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    subprocess.run([str(caffe_io.tool("convert_imageset")), f"{photos}/", str(tmp_path / "list.txt"),
+                    str(tmp_path / "caffe_lmdb")], check=True, capture_output=True)
+    subprocess.run([str(caffe_io.tool("compute_image_mean")), str(tmp_path / "caffe_lmdb"),
+                    str(tmp_path / "caffe_mean.binaryproto")], check=True, capture_output=True)
+    data_import.import_images(image_sources.load(photos), tmp_path / "ours",
+                              data_import.ImportSettings(val=0, test=0), progress=False)
+    theirs = {label: [] for label in range(3)}
+    for image, label in read_lmdb(tmp_path / "caffe_lmdb"):
+        theirs[label].append(image.astype(int))
+    ours = read_lmdb(tmp_path / "ours" / "train_lmdb")
+    assert sorted(label for _, label in ours) == sorted(int(line.split()[1]) for line in lines)
+    for image, label in ours:  # the same decoder (libjpeg) behind OpenCV and Pillow: equal up to rounding
+        assert min(np.abs(image.astype(int) - t).max() for t in theirs[label]) <= 2
+    np.testing.assert_allclose(data_import.read_mean(tmp_path / "ours" / "mean.binaryproto"),
+                               data_import.read_mean(tmp_path / "caffe_mean.binaryproto"), atol=2)

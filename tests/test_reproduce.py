@@ -56,3 +56,17 @@ def test_smoke_run_goes_through_every_stage(net, tmp_path):
     assert report["size"]["rate"] > 1
     assert (tmp_path / "finetune" / "clipq_iter_2.caffemodel").exists()
     assert "SYNTHETIC data" in (tmp_path / "report.md").read_text()
+
+
+def test_smoke_imagenet_is_made_from_jpegs_by_caffes_tools(tmp_path):
+    from clipq import caffe_io, preflight
+
+    if not caffe_io.has_opencv():
+        pytest.skip("this Caffe is built without OpenCV: the smoke run uses random arrays")
+    out = reproduce.jpeg_imagenet(tmp_path)
+    assert preflight.first_datum(out / reproduce.TRAIN_LMDB, "x") == (3, 256, 256)
+    assert caffe_io.lmdb_entries(out / reproduce.VAL_LMDB) == reproduce.SMOKE["images"][1]
+    assert (out / reproduce.MEAN_FILE).stat().st_size > 3 * 256 * 256 * 4
+    model = reproduce.train_val_for(reproduce.paper_files("alexnet")[0], out, tmp_path, batch=2)
+    transform = caffe_io.read_net_param(model).layer[0].transform_param
+    assert transform.mean_file.endswith(reproduce.MEAN_FILE) and not len(transform.mean_value)

@@ -34,6 +34,22 @@ def set_mode() -> str:
     return device
 
 
+def tool(name: str) -> Path:
+    """One of Caffe's build/tools/ programs (convert_imageset, upgrade_net_proto_text, ...) of the build
+    pycaffe comes from; an error if that build lacks it."""
+    path = Path(caffe().__file__).resolve().parents[2] / "build" / "tools" / name
+    if not path.exists():
+        raise ClipqError(f"{path}: Caffe's {name} is not built (`make install` builds Caffe with its tools)")
+    return path
+
+
+def has_opencv() -> bool:
+    """Whether the Caffe pycaffe comes from was built with OpenCV (encoded Datums, convert_imageset)."""
+    from clipq import doctor
+
+    return doctor.read_build_stamp(Path(caffe().__file__).resolve().parents[2]).get("opencv") == "1"
+
+
 def caffe_pb2():
     """Caffe's protobuf messages (imports only the generated module, not the C++ extension)."""
     from caffe.proto import caffe_pb2 as _pb2

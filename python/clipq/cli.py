@@ -608,7 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "real prototxts run end to end on this machine; no accuracy meaning.\n"
                               "Set CLIPQ_DEVICE=gpu:0 with a GPU build of Caffe (solver_mode follows it).")
     p.add_argument("net", choices=["alexnet", "googlenet", "resnet50"])
-    p.add_argument("--imagenet", type=Path, help="directory with ilsvrc12_train_lmdb and ilsvrc12_val_lmdb")
+    p.add_argument("--imagenet", type=Path,
+                   help="directory with ilsvrc12_train_lmdb and ilsvrc12_val_lmdb (Caffe's create_imagenet.sh) and, "
+                        "if there, imagenet_mean.binaryproto (make_imagenet_mean.sh), used instead of mean values")
     p.add_argument("--weights", type=Path, help="the model-zoo caffemodel to compress")
     p.add_argument("--out", type=work_dir, help="work directory (default: ~/.cache/clipq/reproduce/NET[_smoke])")
     p.add_argument("--smoke", action="store_true", help="synthetic data, minutes on a CPU")

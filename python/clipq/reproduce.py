@@ -5,8 +5,10 @@ the paper's fine-tuning solver (solvers/<net>_clipq_solver.prototxt), its lambda
 40, 5, 10) and 50 evaluations per layer; `--paper-plan` uses the paper's (p, b) instead of searching.
 The report has top-1 and top-5 on the validation LMDB, and the paper-style table.
 
-`--smoke`: the same stages end to end on synthetic data, on a CPU, in minutes: random 3x256x256 images
-with random labels in tiny LMDBs, random (filler) weights standing in for the zoo's, batches of 2,
+`--smoke`: the same stages end to end on synthetic data, on a CPU, in minutes: random JPEGs of assorted
+sizes with random labels, made into tiny LMDBs and a mean file the way Caffe's ImageNet example does it
+(convert_imageset --resize 256x256, compute_image_mean; random 3x256x256 arrays on a Caffe without OpenCV),
+random (filler) weights standing in for the zoo's, batches of 2,
 2 evaluations per layer on a 2-image subset, 2 fine-tuning iterations of the real CLIP-Q net through
 `caffe train`, export, encode, decode, evaluation. It checks that everything runs, not accuracy.
 """
@@ -14,6 +16,10 @@ with random labels in tiny LMDBs, random (filler) weights standing in for the zo
 from __future__ import annotations
 
 from pathlib import Path
+
+import os
+import shutil
+import subprocess
 
 import numpy as np
 import yaml
@@ -27,6 +33,7 @@ from clipq.search import SearchSettings
 NETS = ("alexnet", "googlenet", "resnet50")
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_LMDB, VAL_LMDB = "ilsvrc12_train_lmdb", "ilsvrc12_val_lmdb"
+MEAN_FILE = "imagenet_mean.binaryproto"  # what Caffe's examples/imagenet/make_imagenet_mean.sh writes
 SMOKE = {"images": (8, 4), "side": 256, "batch": 2, "evaluations": 2, "subset": 2, "iterations": 2}
 
 
@@ -44,7 +51,10 @@ def paper_lambda(params: Path) -> float:
 
 
 def synthetic_imagenet(out: Path, seed: int = 0) -> Path:
-    """Tiny train / val LMDBs of random 3x256x256 images with random ImageNet labels."""
+    """Tiny train / val LMDBs with random ImageNet labels: from JPEGs through Caffe's own tools when Caffe has
+    OpenCV (`jpeg_imagenet`), else random 3x256x256 arrays."""
+    if caffe_io.has_opencv():
+        return jpeg_imagenet(out, seed)
     rng = np.random.default_rng(seed)
     side = SMOKE["side"]
     for name, count in zip((TRAIN_LMDB, VAL_LMDB), SMOKE["images"]):
@@ -52,6 +62,46 @@ def synthetic_imagenet(out: Path, seed: int = 0) -> Path:
             images = rng.integers(0, 256, (count, 3, side, side), dtype=np.uint8)
             datasets.write_lmdb(datasets.Split(images, rng.integers(0, 1000, count)), out / name)
     return out
+
+
+def jpeg_imagenet(out: Path, seed: int = 0) -> Path:
+    """ILSVRC-style LMDBs made as Caffe's examples/imagenet/create_imagenet.sh and make_imagenet_mean.sh make
+    them: random JPEGs of assorted sizes and a `path label` list per split -> `convert_imageset
+    --resize_height 256 --resize_width 256 --shuffle` -> `compute_image_mean` of the training LMDB."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    side = SMOKE["side"]
+    for name, count in zip((TRAIN_LMDB, VAL_LMDB), SMOKE["images"]):
+        if (out / name).exists():
+            continue
+        folder = out / "jpeg" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(count):
+            height, width = 200 + 37 * i, 330 - 19 * i
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:04d}.JPEG", quality=90)
+            lines.append(f"{i:04d}.JPEG {rng.integers(0, 1000)}")
+        (folder.parent / f"{name}.txt").write_text("\n".join(lines) + "\n")
+        run_caffe_tool(out / name, "convert_imageset", "--resize_height", str(side), "--resize_width", str(side),
+                       "--shuffle", f"{folder}/", str(folder.parent / f"{name}.txt"))
+    if not (out / MEAN_FILE).exists():
+        run_caffe_tool(out / MEAN_FILE, "compute_image_mean", str(out / TRAIN_LMDB))
+    return out
+
+
+def run_caffe_tool(output: Path, name: str, *args: str) -> None:
+    """Run one of Caffe's tools whose last argument is `output`; written under a temporary name, then renamed."""
+    partial = output.with_name(f".{output.name}.partial")
+    if partial.is_dir():  # left by an interrupted run
+        shutil.rmtree(partial)
+    partial.unlink(missing_ok=True)
+    proc = subprocess.run([str(caffe_io.tool(name)), *args, str(partial)], capture_output=True, text=True)
+    if proc.returncode != 0 or not partial.exists():
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise ClipqError(f"Caffe's {name} failed (exit {proc.returncode}) making {output}:\n{tail}")
+    os.replace(partial, output)
 
 
 def filler_weights(deploy: Path, path: Path) -> Path:
@@ -64,16 +114,21 @@ def filler_weights(deploy: Path, path: Path) -> Path:
 
 
 def train_val_for(train_val: Path, imagenet: Path, out: Path, batch: int | None) -> Path:
-    """The net's train_val reading `imagenet`'s LMDBs (and with batch size `batch`, if given)."""
+    """The net's train_val reading `imagenet`'s LMDBs (and with batch size `batch`, if given), and its mean
+    file (imagenet_mean.binaryproto) when there is one."""
     for name in (TRAIN_LMDB, VAL_LMDB):
         if not (imagenet / name).exists():
             raise ClipqError(f"{imagenet}: no {name} (the ImageNet LMDBs made by Caffe's create_imagenet.sh)")
     net = caffe_io.read_net_param(train_val)
     train = caffe_io.caffe_pb2().Phase.Value("TRAIN")
+    mean = imagenet / MEAN_FILE
     for layer in net.layer:
         if layer.type == "Data":
             is_train = any(rule.phase == train for rule in layer.include)
             layer.data_param.source = str((imagenet / (TRAIN_LMDB if is_train else VAL_LMDB)).resolve())
+            if mean.exists():  # the mean image of these LMDBs replaces the paper's per-channel mean values
+                layer.transform_param.ClearField("mean_value")
+                layer.transform_param.mean_file = str(mean.resolve())
             if batch:
                 layer.data_param.batch_size = batch
     path = out / "train_val.prototxt"

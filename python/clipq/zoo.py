@@ -78,16 +78,9 @@ class NetShapes:
 
 # --- 1. prepare: upgrade old formats with Caffe's tools, normalize legacy blob shapes ------------------
 
-def caffe_tools() -> Path:
-    """Caffe's build/tools/ directory (upgrade_net_proto_text/_binary live next to the caffe binary)."""
-    return Path(caffe_io.caffe().__file__).resolve().parents[2] / "build" / "tools"
-
-
 def run_tool(tool: str, source: Path, dest: Path) -> None:
     """Run a Caffe upgrade tool on `source`, writing `dest` atomically (temp file, then rename)."""
-    exe = caffe_tools() / tool
-    if not exe.exists():
-        raise ClipqError(f"{exe}: Caffe's {tool} is not built (rebuild Caffe with its tools)")
+    exe = caffe_io.tool(tool)
     if dest.resolve() == Path(source).resolve():
         raise ClipqError(f"{source}: refusing to overwrite the input; use another --out")
     dest.parent.mkdir(parents=True, exist_ok=True)
