@@ -6,7 +6,7 @@ CLIPQ := $(VENV)/bin/clipq
 MODELS := cache/models
 NETS := lenet5 lenet300_100
 
-.PHONY: install data baseline finetune compress results compare demo paper-sizes test test-slow prototxt clean
+.PHONY: install data baseline finetune compress results compare own-data demo paper-sizes test test-slow prototxt clean
 
 install:                ## Debian packages, .venv, BVLC Caffe (cached build), clipq; then `clipq doctor`
 	tools/install.sh
@@ -76,6 +76,23 @@ compare: baseline       ## CLIP-Q vs Deep Compression, DNS, LC, sequential, unif
 	done; done
 	$(CLIPQ) summary $(foreach net,$(NETS),$(foreach seed,$(COMPARE_SEEDS),cache/compare/$(net)_seed$(seed))) \
 	    | tee cache/compare/summary.md
+
+# The README's "Your own data" example: a CSV of 5,000 labelled 28x28 images (Fashion-MNIST's first 5,000
+# training images, standing in for yours) to a compressed, evaluated LeNet-5 with four clipq commands (data,
+# init, train, compress --experiment), each skipped when its output is there; OWN_SEEDS="0 1 2" for a spread.
+OWN := cache/own_data
+OWN_SEEDS ?= 0
+
+own-data: install       ## your own data, by example: CSV -> clipq data -> clipq init -> clipq train -> clipq compress
+	@mkdir -p $(OWN); [ -f $(OWN)/digits.csv ] || $(PY) tools/fashion_mnist_csv.py $(OWN)/digits.csv
+	[ -d $(OWN)/data ] || $(CLIPQ) data $(OWN)/digits.csv --out $(OWN)/data
+	[ -d $(OWN)/exp ] || $(CLIPQ) init --deploy prototxt/lenet5/deploy.prototxt --data $(OWN)/data --out $(OWN)/exp
+	$(CLIPQ) train --solver $(OWN)/exp/solver.prototxt --output $(OWN)/exp/baseline.caffemodel
+	@for seed in $(OWN_SEEDS); do \
+	    $(CLIPQ) compress --experiment $(OWN)/exp --out $(OWN)/exp/compress_seed$$seed --max-drop 1 --seed $$seed \
+	        > $(OWN)/exp/compress_seed$$seed.txt 2>&1 || [ $$? -eq 1 ] || { tail -5 $(OWN)/exp/compress_seed$$seed.txt; exit 1; }; \
+	done
+	$(CLIPQ) summary $(OWN)/exp/compress_seed* | tee $(OWN)/summary.md
 
 demo: compress          ## install, data, baselines, then the CLIP-Q pipeline with --max-drop on LeNet-5 (FULL=1: both LeNets)
 	@echo; echo "Fashion-MNIST test top-1 of the baselines (10,000 images):"

@@ -57,7 +57,27 @@ def assets(tmp_path_factory, fashion_mnist_slices) -> Path:
                                                f'snapshot_prefix: "{a / "snap" / "t"}"\n')
     compressed_model.encode_file(a / "deploy.prototxt", a / "w.caffemodel", a / "model.clipq",
                                  {"conv2": LayerPlan(0.5, 4)})
+    _own_data_assets(a, rng)
     return a
+
+
+def _own_data_assets(a: Path, rng) -> None:
+    """Inputs of `clipq data` / `init`: CSVs, a folder of ragged photos, data directories a deploy cannot take."""
+    from PIL import Image
+
+    from clipq import data_import, experiment, image_sources
+
+    (a / "digits.csv").write_text("".join(f"{i % 2}," + ",".join(["7"] * 16) + "\n" for i in range(20)))
+    (a / "ragged.csv").write_text("1,2,3,4,5\n0,1,2\n")
+    np.save(a / "images.npy", np.zeros((4, 8, 8), np.uint8))
+    for name, size in (("a", (8, 8)), ("b", (8, 9))):
+        (a / "photos_ragged" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros(size, np.uint8)).save(a / "photos_ragged" / name / "1.png")
+    for name, shape in (("data8", (30, 1, 8, 8)), ("data_color", (30, 3, 28, 28)), ("data28", (30, 1, 28, 28))):
+        np.savez(a / f"{name}.npz", images=rng.integers(0, 256, shape, dtype=np.uint8), labels=np.arange(30) % 3)
+        data_import.import_images(image_sources.load(a / f"{name}.npz"), a / name, data_import.ImportSettings(),
+                                  progress=False)
+    experiment.init(a / "deploy.prototxt", a / "data28", a / "exp")  # no baseline trained
 
 
 GOOD_SEARCH = "search --model {a}/tv.prototxt --weights {a}/w.caffemodel --out {o}/s"
@@ -150,6 +170,27 @@ CASES = [  # (id, command line, what the message must name, run in a subprocess)
     ("zoo-zero-jobs", GOOD_ZOO + " --jobs 0", "argument --jobs", False),
     ("zoo-empty-weights", "zoo --model {a}/deploy.prototxt --weights {a}/empty.caffemodel --out {o}/z --p 0.5 --b 4",
      "empty.caffemodel: not a caffemodel", False),
+    ("data-out-exists", "data {a}/digits.csv --out {a}/data28", "data28: already exists", False),
+    ("data-ragged-csv", "data {a}/ragged.csv --out {o}/d", "ragged.csv:2: 2 pixels, but the first row has 4", False),
+    ("data-ragged-photos", "data {a}/photos_ragged --out {o}/d --no-progress", "b/1.png: image is 1x8x9", False),
+    ("data-npy-without-labels", "data {a}/images.npy --out {o}/d", "give their labels with --labels", False),
+    ("data-csv-not-square", "data {a}/digits.csv --out {o}/d --shape 1,3,5", "do not make --shape 1x3x5", False),
+    ("data-bad-shape", "data {a}/digits.csv --out {o}/d --shape 2,4,4", "argument --shape", False),
+    ("data-val-fraction-1", "data {a}/digits.csv --out {o}/d --val 1", "argument --val", False),
+    ("data-fractions-leave-no-training", "data {a}/digits.csv --out {o}/d --val 0.5 --test 0.5",
+     "together below 1", False),
+    ("data-missing-input", "data {a}/nothing.csv --out {o}/d", "nothing.csv: no such file", False),
+    ("init-images-too-small", "init --deploy {a}/deploy.prototxt --data {a}/data8 --out {o}/e",
+     "layer 'conv2' (Convolution) would output an empty blob", False),
+    ("init-channels", "init --deploy {a}/deploy.prototxt --data {a}/data_color --out {o}/e", "--gray", False),
+    ("init-no-lmdbs", "init --deploy {a}/deploy.prototxt --data {a}/photos_ragged --out {o}/e", "no train_lmdb",
+     False),
+    ("init-empty-deploy", "init --deploy {a}/empty.prototxt --data {a}/data28 --out {o}/e", "empty.prototxt: no layers",
+     False),
+    ("init-out-exists", "init --deploy {a}/deploy.prototxt --data {a}/data28 --out {a}/exp", "already exists", False),
+    ("compress-experiment-without-baseline", "compress --experiment {a}/exp --out {o}/c",
+     "no baseline yet; train it first", False),
+    ("compress-not-an-experiment", "compress --experiment {a}/data28 --out {o}/c", "no experiment.json", False),
     ("zoo-empty-prototxt", "zoo --model {a}/empty.prototxt --weights {a}/w.caffemodel --out {o}/z --p 0.5 --b 4",
      "empty.prototxt: no layers", True),
 ]

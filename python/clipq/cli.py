@@ -273,12 +273,12 @@ def _init(args) -> int:
 
     settings = experiment.InitSettings(batch=args.batch, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                                        min_iter=args.min_iter, scale=args.scale, mean=args.mean, mirror=args.mirror)
-    exp, notes = experiment.init(args.deploy, args.data, args.out, settings)
+    _, notes = experiment.init(args.deploy, args.data, args.out, settings)
     for note in notes:
         print(f"note: {note}")
     print(f"{args.out}: train_val.prototxt, solver.prototxt, clipq_solver.prototxt, {experiment.EXPERIMENT_FILE}")
     print("next:\n"
-          f"  clipq train --solver {exp['solver']} --output {exp['weights']}"
+          f"  clipq train --solver {args.out / 'solver.prototxt'} --output {args.out / experiment.BASELINE}"
           "   (add --weights ZOO.caffemodel to start from trained weights)\n"
           f"  clipq compress --experiment {args.out} --max-drop 1")
     return 0
