@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build BVLC Caffe (CPU-only by default, Python layers on) into clipq's cache and print the
-# build's root directory on stdout. A finished build is reused: the cache key is the source's
+# Build BVLC Caffe (CPU-only by default, Python layers and OpenCV on) into clipq's cache and print
+# the build's root directory on stdout. A finished build is reused: the cache key is the source's
 # content hash + the patches + the Python/numpy it is built for + the build options.
 #
 # usage: tools/install_caffe.sh [PYTHON]      PYTHON: interpreter pycaffe is built for (default python3)
@@ -29,6 +29,8 @@ CAFFE_PKGS=(build-essential patch pkg-config curl ca-certificates
     libboost-system-dev libboost-thread-dev libboost-filesystem-dev libboost-regex-dev libboost-python-dev
     libgoogle-glog-dev libgflags-dev libprotobuf-dev protobuf-compiler libhdf5-dev libopenblas-dev
     liblmdb-dev libleveldb-dev libsnappy-dev)
+# What Caffe links of OpenCV (core, imgproc, imgcodecs, highgui): libopencv-dev would pull ~238 packages.
+OPENCV_PKGS=(libopencv-core-dev libopencv-imgproc-dev libopencv-imgcodecs-dev libopencv-highgui-dev)
 
 tree_hash() { (cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1); }
 file_hash() { sha256sum "$1" | cut -d' ' -f1; }
@@ -85,16 +87,18 @@ build_key() {
     local py_id
     py_id=$("$PYTHON" -c 'import sys, numpy; print(sys.version.split()[0], numpy.__version__.split(".")[0])') \
         || die "python" "$PYTHON cannot import numpy (pycaffe is built against its headers)" "install numpy into $PYTHON"
-    { echo "$SRC_KIND $(file_hash "$SRC_TARBALL")"; cat "$here/patches/$SRC_KIND"/*.patch; echo "$py_id gpu=$GPU";
+    { echo "$SRC_KIND $(file_hash "$SRC_TARBALL")"; cat "$here/patches/$SRC_KIND"/*.patch;
+      echo "$py_id gpu=$GPU opencv=$OPENCV";
       declare -f write_makefile_config; } | sha256sum | cut -c1-16
 }
 
 write_makefile_config() {
-    local py_inc np_inc py_libdir py_ver
+    local py_inc np_inc py_libdir py_ver opencv_inc=
     py_inc=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
     np_inc=$("$PYTHON" -c 'import numpy; print(numpy.get_include())')
     py_libdir=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')
     py_ver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    [ "$OPENCV" = 1 ] && opencv_inc=" /usr/include/opencv4"  # Debian's OpenCV 4 headers are not under /usr/include
     {
         echo "# written by clipq tools/install_caffe.sh"
         if [ "$GPU" = 1 ]; then
@@ -103,7 +107,9 @@ write_makefile_config() {
         else
             echo "CPU_ONLY := 1"
         fi
-        echo "USE_OPENCV := 0"
+        echo "USE_OPENCV := $OPENCV"
+        # 3 (for OpenCV >= 3, Debian 12 has 4.6) adds opencv_imgcodecs, where imread/imdecode live.
+        [ "$OPENCV" = 1 ] && echo "OPENCV_VERSION := 3"
         echo "USE_LMDB := 1"
         echo "USE_LEVELDB := 1"
         echo "BLAS := open"
@@ -111,7 +117,7 @@ write_makefile_config() {
         echo "PYTHON_INCLUDE := $py_inc $np_inc"
         echo "PYTHON_LIB := $py_libdir"
         echo "PYTHON_LIBRARIES := boost_python${py_ver/./} python$py_ver"
-        echo "INCLUDE_DIRS := \$(PYTHON_INCLUDE) /usr/local/include /usr/include/hdf5/serial"
+        echo "INCLUDE_DIRS := \$(PYTHON_INCLUDE) /usr/local/include /usr/include/hdf5/serial$opencv_inc"
         echo "LIBRARY_DIRS := \$(PYTHON_LIB) /usr/local/lib /usr/lib /usr/lib/x86_64-linux-gnu/hdf5/serial"
         echo "LINKFLAGS := -Wl,-rpath,$py_libdir"
         echo "BUILD_DIR := build"
@@ -158,6 +164,7 @@ write_stamp() {  # write_stamp FILE KEY: what `clipq doctor` reports about this 
         [ "$SRC_KIND" = bvlc ] && echo "commit=$CAFFE_COMMIT" || echo "commit=unknown (not pristine BVLC)"
         echo "key=$2"
         echo "gpu=$GPU"
+        echo "opencv=$OPENCV"
         echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     } > "$1"
 }
@@ -168,6 +175,15 @@ main() {
     check_python
     log "step 2/5: Caffe source"
     find_source
+    # OpenCV for BVLC only. brocolli's tree has OpenCV 2 C names in more files than patch 03 fixes
+    # (CV_BGR2HSV, CV_FILLED, CV_FOURCC, CV_CAP_PROP_*; its own shims are for CV_VERSION_MAJOR == 3 only)
+    # and always links opencv_videoio: that last resort builds without OpenCV (convert_imageset and
+    # ImageData then stop with "requires OpenCV"), and its stamp says opencv=0.
+    OPENCV=0
+    if [ "$SRC_KIND" = bvlc ]; then
+        OPENCV=1
+        apt_ensure "${OPENCV_PKGS[@]}"
+    fi
     local key dir
     key=$(build_key)
     dir="$CAFFE_HOME/$SRC_KIND-$key"
