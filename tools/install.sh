@@ -11,8 +11,8 @@ repo=$(dirname "$here")
 . "$here/lib.sh"
 VENV="${VENV:-$repo/.venv}"
 
-log "install 1/5: Debian packages (Fashion-MNIST)"
-apt_ensure dataset-fashion-mnist
+log "install 1/5: Debian packages (Fashion-MNIST; graphviz for pycaffe's caffe.draw)"
+apt_ensure dataset-fashion-mnist graphviz
 
 log "install 2/5: virtualenv $VENV"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -29,22 +29,33 @@ fi
 log "install 3/5: BVLC Caffe"
 caffe_root=$("$here/install_caffe.sh" "$VENV/bin/python")
 
-log "install 4/5: pycaffe, clipq and layers/ on the venv's path; .venv/bin/caffe; cache -> $CLIPQ_CACHE"
+# write_wrapper NAME COMMAND...: $VENV/bin/NAME runs COMMAND with its own arguments appended. Caffe's
+# embedded Python (Python layers) finds its packages through the first python3 on PATH, so the venv
+# goes first; layers/ holds clipq's Python layers. Written to a temp file, then renamed.
+write_wrapper() {
+    local name=$1
+    shift
+    cat > "$VENV/bin/$name.tmp" <<EOF
+#!/usr/bin/env bash
+# BVLC Caffe's \`$name\` (built by clipq's tools/install_caffe.sh), with clipq's venv and layers.
+export PATH="$VENV/bin:\$PATH"
+export PYTHONPATH="$repo/layers:$caffe_root/python\${PYTHONPATH:+:\$PYTHONPATH}"
+exec $(printf '"%s" ' "$@")"\$@"
+EOF
+    chmod +x "$VENV/bin/$name.tmp"
+    mv "$VENV/bin/$name.tmp" "$VENV/bin/$name"
+}
+
+log "install 4/5: pycaffe, clipq and layers/ on the venv's path; Caffe's tools in .venv/bin; cache -> $CLIPQ_CACHE"
 mkdir -p "$CLIPQ_CACHE"
 ln -sfn "$CLIPQ_CACHE" "$repo/cache"  # prototxts and solvers name data and models relative to the repo root
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 printf '%s\n' "$caffe_root/python" "$repo/layers" > "$site/clipq-caffe.pth"
-cat > "$VENV/bin/caffe.tmp" <<EOF
-#!/usr/bin/env bash
-# BVLC Caffe's \`caffe\` tool (built by clipq's tools/install_caffe.sh). Caffe's embedded Python
-# finds its packages through the first python3 on PATH, so this venv goes first; layers/ holds
-# clipq's Python layers for \`caffe train\`.
-export PATH="$VENV/bin:\$PATH"
-export PYTHONPATH="$repo/layers:$caffe_root/python\${PYTHONPATH:+:\$PYTHONPATH}"
-exec "$caffe_root/build/tools/caffe" "\$@"
-EOF
-chmod +x "$VENV/bin/caffe.tmp"
-mv "$VENV/bin/caffe.tmp" "$VENV/bin/caffe"
+for tool in "$caffe_root"/build/tools/*.bin; do  # caffe, convert_imageset, compute_image_mean, ...
+    name=$(basename "$tool" .bin)
+    write_wrapper "$name" "$caffe_root/build/tools/$name"
+done
+write_wrapper draw_net.py "$VENV/bin/python" "$caffe_root/python/draw_net.py"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$repo" >&2 \
     || die "clipq package" "pip install -e $repo failed" "make install"
 
