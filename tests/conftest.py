@@ -80,3 +80,11 @@ def trained_mlp(tmp_path_factory, fashion_mnist_slices) -> dict:
     solver = root / "finetune.prototxt"
     solver.write_text(SOLVER.format(net="replaced", lr=0.001, iters=40, prefix="replaced"))
     return {"model": model, "weights": weights, "solver": solver, "root": root, "val": fashion_mnist_slices["val"]}
+
+
+@pytest.fixture(scope="session")
+def caffe_root() -> Path:
+    """The root of the Caffe build pycaffe is imported from (<root>/python/caffe/__init__.py)."""
+    from clipq import caffe_io
+
+    return Path(caffe_io.caffe().__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""`clipq doctor`: what clipq runs on (Caffe build and source, numpy, protobuf, GPyOpt, BLAS, data)."""
+"""`clipq doctor`: what clipq runs on (Caffe build and source, numpy, protobuf, GPyOpt, BLAS, OpenCV, data)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def _caffe_checks() -> list[Check]:
               "ok" if "Python" in caffe.layer_type_list() else "rebuild with WITH_PYTHON_LAYER := 1"),
         _blas_check(),
         _caffe_cli_check(),
+        _opencv_check(stamp),
     ]
     if stamp.get("source_kind") == "brocolli":
         checks.append(Check("WARNING", True, "Caffe is brocolli-caffe 9.0.2, NOT pristine BVLC",
@@ -115,6 +116,18 @@ def _caffe_cli_check() -> Check:
         return Check("caffe CLI", False, "MISSING", str(e))
     version = (out.stdout + out.stderr).strip().splitlines()
     return Check("caffe CLI", out.returncode == 0, version[-1] if version else "?", str(binary))
+
+
+def _opencv_check(stamp: dict[str, str]) -> Check:
+    """Whether Caffe decodes images (convert_imageset, ImageData layers): its build stamp says if it was built
+    with OpenCV (the brocolli fallback is not); `make install` puts convert_imageset next to this Python."""
+    built_with = {"1": "yes", "0": "no"}.get(stamp.get("opencv", ""), "unknown")
+    tool = Path(sys.prefix) / "bin" / "convert_imageset"
+    if not tool.exists():
+        return Check("caffe OpenCV", False, built_with, f"{tool} missing; run `make install`")
+    if built_with != "yes":
+        return Check("caffe OpenCV", True, built_with, f"{tool} (cannot decode images without OpenCV)")
+    return Check("caffe OpenCV", True, built_with, str(tool))
 
 
 def _data_checks() -> list[Check]:
