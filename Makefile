@@ -6,7 +6,7 @@ CLIPQ := $(VENV)/bin/clipq
 MODELS := cache/models
 NETS := lenet5 lenet300_100
 
-.PHONY: install data baseline finetune compress results compare own-data demo paper-sizes test test-slow prototxt clean
+.PHONY: install data baseline finetune compress results compare own-data demo paper-sizes test test-slow test-caffe prototxt clean
 
 install:                ## Debian packages, .venv, BVLC Caffe (cached build), clipq; then `clipq doctor`
 	tools/install.sh
@@ -120,6 +120,9 @@ test: install           ## the default test tier (real Caffe; minutes once Caffe
 
 test-slow: install      ## also the slow end-to-end tier
 	$(PY) -m pytest -q -m ''
+
+test-caffe: install     ## BVLC Caffe's own C++ tests (gtest, GPU tests filtered out), built in the cached Caffe tree
+	tools/test_caffe.sh
 
 prototxt: install       ## regenerate prototxt/ from python/clipq/nets.py
 	$(PY) -m clipq.nets
