@@ -92,7 +92,7 @@ own-data: install       ## your own data, by example: CSV -> clipq data -> clipq
 	    $(CLIPQ) compress --experiment $(OWN)/exp --out $(OWN)/exp/compress_seed$$seed --max-drop 1 --seed $$seed \
 	        > $(OWN)/exp/compress_seed$$seed.txt 2>&1 || [ $$? -eq 1 ] || { tail -5 $(OWN)/exp/compress_seed$$seed.txt; exit 1; }; \
 	done
-	$(CLIPQ) summary $(OWN)/exp/compress_seed* | tee $(OWN)/summary.md
+	$(CLIPQ) summary $(foreach seed,$(OWN_SEEDS),$(OWN)/exp/compress_seed$(seed)) | tee $(OWN)/summary.md
 
 demo: compress          ## install, data, baselines, then the CLIP-Q pipeline with --max-drop on LeNet-5 (FULL=1: both LeNets)
 	@echo; echo "Fashion-MNIST test top-1 of the baselines (10,000 images):"
