@@ -103,6 +103,7 @@ def test_from_a_csv_to_a_compressed_model_in_four_commands(tmp_path, repo, capsy
                      "--no-progress"]) == 0
     report = (exp / "compress" / "report.md").read_text()
     assert "decoded" in report.lower() and (exp / "compress" / "model.clipq").exists()
+    assert "![net](plots/net.png)" in report  # the net drawn by caffe.draw
     assert cli.main(["zoo", "--experiment", str(exp), "--p", "0.5", "--b", "6", "--max-iter", "2", "--no-progress",
                      "--format", "json"]) == 0
     assert (exp / "zoo" / "zoo_report.json").exists()

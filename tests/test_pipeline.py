@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def test_compress_end_to_end_decoded_model_scores_like_the_clipq_net(tmp_path, m
     assert accuracy["baseline"] > 0.7 and accuracy["decoded"] > 0.25  # chance is 0.10; 4 evaluations per layer
     assert report["size"]["clipq_file_bytes"] == (tmp_path / "out" / "model.clipq").stat().st_size
     assert [row["layer"] for row in report["layers"]] == ["ip1", "ip2", "ip3", "Overall"]
-    assert len(report["plots"]) == 3
+    assert sorted(Path(p).name for p in report["plots"]) == ["ip1.png", "ip2.png", "ip3.png", "net.png"]
     assert report["val_accuracy"] is None and "TRAIN LMDB" in report["data"]["search"]
     assert "| **Overall** |" in (tmp_path / "out" / "report.md").read_text()
 

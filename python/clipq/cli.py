@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with `caffe train` and the given solver (its net and snapshot_prefix are "
                                    "replaced) -> export -> .clipq -> decode -> top-1 of the decoded plain "
                                    "caffemodel with plain Caffe -> OUT/report.md and report.json (layerwise table, "
-                                   "accuracies, sizes, stage times, search plots).",
+                                   "accuracies, sizes, stage times, search plots, the net drawn by caffe.draw).",
                        epilog="With --max-drop POINTS and --val LMDB: the smallest model within POINTS top-1 on "
                               "the validation images. Each round fine-tunes one plan of the search's lambda path "
                               "(warm-started from the smallest round that met the budget so far), decodes it and "

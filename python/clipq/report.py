@@ -51,8 +51,24 @@ def make_report(config, baseline: dict, result: dict, rounds: list[dict] | None,
                                                 "val_drop_se", "test_drop", "met")}
                        | {"rate": total.original / r["clipq_bytes"]} for r in rounds]}
         plot_budget(report["budget"], config.out / "plots" / "budget.png")
+    draw_net(config.model, config.out / "plots" / "net.png")
     report["plots"] = sorted(str(p) for p in (config.out / "plots").glob("*.png"))
     return report
+
+
+def draw_net(prototxt: Path, path: Path) -> None:
+    """The net's TEST-phase graph drawn by Caffe's own caffe.draw (pydot + graphviz), left to right."""
+    if path.exists():
+        return
+    from clipq import caffe_io
+    from clipq.atomic import atomic_write
+
+    caffe_io.caffe()  # caffe.draw needs pycaffe's path set up
+    import caffe.draw
+
+    image = caffe.draw.draw_net(caffe_io.read_net_param(prototxt), "LR", "png", caffe_io.caffe().TEST)
+    with atomic_write(path, "wb") as f:
+        f.write(image)
 
 
 def plot_budget(budget: dict, path: Path) -> None:
