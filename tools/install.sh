@@ -11,8 +11,8 @@ repo=$(dirname "$here")
 . "$here/lib.sh"
 VENV="${VENV:-$repo/.venv}"
 
-log "install 1/5: Debian packages (Fashion-MNIST; graphviz for pycaffe's caffe.draw)"
-apt_ensure dataset-fashion-mnist graphviz
+log "install 1/5: Debian packages (Fashion-MNIST; graphviz for pycaffe's caffe.draw; Open MPI for clipq train --mpi)"
+apt_ensure dataset-fashion-mnist graphviz openmpi-bin libopenmpi-dev
 
 log "install 2/5: virtualenv $VENV"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -332,8 +332,14 @@ def _train(args) -> int:
         checked = preflight.check_net(net, args.weights, "TRAIN", require_all=False, what=f"net of {args.solver}")
         if len(solver.test_iter):
             preflight.blob_shapes(checked.param, net, "TEST")
-    result = train.train(args.solver, output=args.output, weights=args.weights, log=args.log,
-                         progress=not args.no_progress)
+    if args.mpi:
+        from clipq import data_parallel
+
+        result = data_parallel.launch(args.mpi, args.solver, output=args.output, weights=args.weights,
+                                      log=args.log, progress=not args.no_progress)
+    else:
+        result = train.train(args.solver, output=args.output, weights=args.weights, log=args.log,
+                             progress=not args.no_progress)
     print(result)
     return 0
 
@@ -621,15 +627,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_reproduce)
 
     p = sub.add_parser("train", help="run `caffe train` resumably, with a progress bar",
-                       description="Train with the real `caffe train --solver SOLVER`. Resumes from the newest "
-                                   "<snapshot_prefix>_iter_N.solverstate; Ctrl-C makes Caffe snapshot first. "
-                                   "Paths inside the solver are relative to the current directory.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train with the real `caffe train --solver SOLVER`. Resumes from the newest\n"
+                                   "<snapshot_prefix>_iter_N.solverstate; Ctrl-C makes Caffe snapshot first.\n"
+                                   "Paths inside the solver are relative to the current directory.",
+                       epilog="--mpi N: data-parallel training in N pycaffe processes on this machine (mpirun, "
+                              "Open MPI): each\nrank reads every N-th image of the LMDB with the solver's batch "
+                              "size (N x batch images per\niteration) and the gradients are averaged over the "
+                              "ranks every iteration. Snapshots, the log and\nthe result are written by rank 0; "
+                              "it resumes like the default path (a Ctrl-C stops without a\nsnapshot: rerun to "
+                              "resume from the last one).\n"
+                              "Several machines: start the ranks with your own mpirun, the paths the same on "
+                              "every machine\n(a shared file system):\n"
+                              "  mpirun -np 8 --hostfile HOSTS .venv/bin/python -m clipq.data_parallel "
+                              "--solver S [--weights W] [--output O]\n"
+                              "GPUs (BVLC's NCCL route, one process per GPU): Caffe's python/train.py; untested "
+                              "here (no GPU).")
     p.add_argument("--solver", type=Path, required=True, help="solver prototxt")
     p.add_argument("--weights", type=Path, help="caffemodel to start from (ignored when resuming)")
     p.add_argument("--output", type=output_file,
                    help="copy the final caffemodel here (atomically; replaced if it exists)")
     p.add_argument("--log", type=Path, help="Caffe's log (default: <snapshot_prefix>.log)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--mpi", type=positive_int, metavar="N",
+                   help="train in N MPI processes on this machine, gradients averaged (see below)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("export", help="trained CLIP-Q caffemodel -> plain caffemodel with the quantized weights",

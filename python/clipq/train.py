@@ -169,7 +169,7 @@ def train(solver: Path, output: Path | None = None, weights: Path | None = None,
     Path(param.snapshot_prefix).parent.mkdir(parents=True, exist_ok=True)
     with locked(f"{param.snapshot_prefix}.lock"):
         layers = train_layers(param)
-        if not _finished(final, layers):
+        if not finished(final, layers):
             _run_caffe(solver, param, weights, log or Path(f"{param.snapshot_prefix}.log"), progress, layers)
         if output is None:
             return final
@@ -178,7 +178,8 @@ def train(solver: Path, output: Path | None = None, weights: Path | None = None,
     return Path(output)
 
 
-def _finished(final: Path, layers: set[str]) -> bool:
+def finished(final: Path, layers: set[str]) -> bool:
+    """Whether `final` is a whole caffemodel of the net (a truncated one is reported and not taken)."""
     problem = caffemodel_problem(final, layers) if final.exists() else None
     if problem:
         print(f"clipq train: not taking {final.name} as the result: {problem}", file=sys.stderr)
@@ -197,7 +198,7 @@ def _run_caffe(solver: Path, param, weights: Path | None, log: Path, progress: b
         if not Path(weights).is_file():
             raise ClipqError(f"{weights}: weights file not found")
         cmd += ["--weights", str(weights)]
-    bar = _progress_bar(param.max_iter, start, str(solver), progress)
+    bar = progress_bar(param.max_iter, start, str(solver), progress)
     tail: deque[str] = deque(maxlen=25)
     with open(log, "a", buffering=1) as log_file:  # line by line: `tail -f` follows it
         env = dict(os.environ, GLOG_minloglevel="0", GLOG_logtostderr="1")  # the log is the progress source
@@ -253,7 +254,8 @@ def _stop(proc: subprocess.Popen, log_file) -> None:
         watchdog.cancel()
 
 
-def _progress_bar(total: int, start: int, desc: str, enabled: bool):
+def progress_bar(total: int, start: int, desc: str, enabled: bool):
+    """A tqdm bar of training iterations on stderr (None when disabled)."""
     if not enabled:
         return None
     from tqdm import tqdm

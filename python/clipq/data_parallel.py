@@ -1,0 +1,238 @@
+"""Data-parallel training on MPI: N pycaffe solvers, one per rank, whose gradients are averaged every iteration.
+
+Every rank builds the same solver with Caffe's `solver_count = N`, `solver_rank = r`, so BVLC's DataLayer
+(`DataLayer::Skip`) gives rank r the LMDB entries r, r+N, r+2N, ...: N ranks with batch B see, per iteration,
+the N*B images a single process with batch N*B would. In the solver's `on_gradients_ready` callback
+(after forward/backward, before the update) every learnable blob's diff is summed over the ranks with
+mpi4py and divided by N, so every rank applies the same update and the weights stay identical (the CLIP-Q
+layers then quantize identical full-precision weights to identical weights).
+
+Rank 0 decides as `clipq train` does (train.py): the lock on `<snapshot_prefix>.lock`, a finished run, the
+newest usable snapshot to resume from; the others follow its choice. BVLC snapshots on rank 0 only (the
+root solver), tests only there, and writes Caffe's log there (`<snapshot_prefix>.log`); rank 0 shows the
+progress bar and copies the final caffemodel to --output. An error on any rank stops every rank (MPI Abort)
+with one line. In a cluster, the snapshot directory, the solver's files and its LMDBs must be at the same
+paths on every machine (a shared file system): every rank restores the snapshot itself.
+
+One machine:  clipq train --mpi N --solver S ...   (runs `mpirun -np N ... python -m clipq.data_parallel`)
+A cluster:    mpirun -np N --hostfile H .venv/bin/python -m clipq.data_parallel --solver S ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from clipq import train
+from clipq.atomic import atomic_write
+from clipq.errors import ClipqError
+from clipq.lock import locked
+
+# One machine: the ranks talk through shared memory (vader), not TCP.
+MCA = ("--mca", "pml", "ob1", "--mca", "btl", "self,vader")
+
+
+def mpirun_command(ranks: int, rank_args: list[str]) -> list[str]:
+    """`mpirun` running `python -m clipq.data_parallel RANK_ARGS` in `ranks` processes on this machine."""
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise ClipqError("--mpi: no mpirun on PATH; run `make install` (Debian's openmpi-bin)")
+    cmd = [mpirun, "-np", str(ranks), "--oversubscribe", *MCA]  # the user chose N, even above the cores
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    return cmd + [sys.executable, "-m", "clipq.data_parallel", *rank_args]
+
+
+def launch(ranks: int, solver: Path, output: Path | None = None, weights: Path | None = None,
+           log: Path | None = None, progress: bool = True) -> Path:
+    """`clipq train --mpi N`: train with `ranks` MPI processes on this machine; return the final caffemodel
+    (`output` when given). Each rank gets an equal share of the cores for its BLAS threads."""
+    param = train.read_solver(solver)
+    args = ["--solver", str(solver)] + _options(weights=weights, output=output, log=log)
+    if not progress:
+        args.append("--no-progress")
+    threads = str(max(1, (os.cpu_count() or 1) // ranks))
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, threads)
+    code = subprocess.call(mpirun_command(ranks, args), env=env)
+    if code != 0:
+        raise ClipqError(f"training with {ranks} MPI ranks failed (mpirun exit {code}; the ranks' messages above)")
+    return Path(output) if output is not None else train.final_weights(param)
+
+
+def _options(**paths: Path | None) -> list[str]:
+    return [arg for name, path in paths.items() if path is not None for arg in (f"--{name}", str(path))]
+
+
+def run(solver: Path, output: Path | None = None, weights: Path | None = None, log: Path | None = None,
+        progress: bool = True, comm=None) -> Path:
+    """One rank's part of a data-parallel `clipq train` (every rank of `comm` calls this); returns the final
+    caffemodel (`output` when given)."""
+    comm = comm or _world()
+    param = train.read_solver(solver)
+    final = train.final_weights(param)
+    if comm.rank != 0:
+        plan = comm.bcast(None)
+        if plan is not None:
+            fine_tune(solver, comm, *plan)
+        comm.barrier()  # rank 0 has written `output`
+        return Path(output) if output is not None else final
+    Path(param.snapshot_prefix).parent.mkdir(parents=True, exist_ok=True)
+    with locked(f"{param.snapshot_prefix}.lock"):
+        layers = train.train_layers(param)
+        plan = None if train.finished(final, layers) else _plan(param, layers, weights)
+        comm.bcast(plan)
+        if plan is not None:
+            with _caffe_log_to(log or Path(f"{param.snapshot_prefix}.log")):
+                fine_tune(solver, comm, *plan, progress=progress)
+            problem = train.caffemodel_problem(final, layers) if final.exists() else f"no {final.name}"
+            if problem:
+                raise ClipqError(f"training stopped before max_iter={param.max_iter} ({problem})")
+        if output is not None:
+            with atomic_write(output, "wb") as f:
+                f.write(final.read_bytes())
+    comm.barrier()
+    return Path(output) if output is not None else final
+
+
+def _plan(param, layers: set[str], weights: Path | None) -> tuple[Path | None, Path | None]:
+    """(snapshot to restore, weights to load): rank 0's choice, as `clipq train` makes it."""
+    resume = train.resume_point(param, layers)
+    if resume:
+        print(f"clipq train: resuming from {resume[1]}", file=sys.stderr)
+        return resume[1], None
+    if weights is not None and not Path(weights).is_file():
+        raise ClipqError(f"{weights}: weights file not found")
+    return None, weights
+
+
+def fine_tune(solver_path: Path, comm, snapshot: Path | None = None, weights: Path | None = None,
+              progress: bool = False):
+    """Build this rank's solver, start it from `snapshot` or `weights` (or the fillers of rank 0), and step to
+    max_iter with gradients averaged over `comm`; rank 0 snapshots as `caffe train` does. Returns the solver."""
+    import caffe
+    import numpy as np
+
+    caffe.set_mode_cpu()
+    caffe.set_solver_count(comm.size)  # before the nets exist: their DataLayers read a shard by these
+    caffe.set_solver_rank(comm.rank)
+    caffe.set_multiprocess(True)  # else a Python layer refuses to run on a rank other than 0
+    solver = caffe.get_solver(str(solver_path))
+    if snapshot is not None:
+        solver.restore(str(snapshot))
+    elif weights is not None:
+        solver.net.copy_from(str(weights))
+    blobs = _unique_blobs(solver.net)
+    for blob in blobs:  # Caffe seeds each rank's fillers with random_seed + rank: start from rank 0's
+        comm.Bcast(blob.data, root=0)
+
+    def average_gradients() -> None:
+        for blob in blobs:
+            diff = blob.diff
+            comm.Allreduce(_in_place(), diff)
+            diff /= np.float32(comm.size)
+
+    solver.add_callback(lambda: None, average_gradients)
+    param = train.read_solver(solver_path)  # all fields (pycaffe's solver.param has a few)
+    bar = train.progress_bar(param.max_iter, solver.iter, str(solver_path), progress and comm.rank == 0)
+    while solver.iter < param.max_iter:
+        solver.step(1)  # one at a time, for the bar: Step's snapshots and display follow the global iteration
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if comm.rank == 0 and _snapshot_after_train(param, solver.iter):
+        solver.snapshot()
+    return solver
+
+
+def _snapshot_after_train(param, iteration: int) -> bool:
+    """Whether `caffe train` (Solver::Solve) writes a last snapshot at `iteration` (Step has not)."""
+    return param.snapshot_after_train and (not param.snapshot or iteration % param.snapshot != 0)
+
+
+def _unique_blobs(net) -> list:
+    """Each parameter blob of `net` once (a blob shared between layers appears under each of them)."""
+    seen, unique = set(), []
+    for layer_blobs in net.params.values():
+        for blob in layer_blobs:
+            address = blob.data.__array_interface__["data"][0]
+            if address not in seen:
+                seen.add(address)
+                unique.append(blob)
+    return unique
+
+
+def _in_place():
+    from mpi4py import MPI
+
+    return MPI.IN_PLACE
+
+
+class _caffe_log_to:
+    """Caffe's log (glog writes to file descriptor 2) appended to `path`, while Python's sys.stderr (the
+    progress bar, clipq's messages) stays on the terminal."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.terminal = os.dup(2)
+        self.saved = sys.stderr
+        sys.stderr = os.fdopen(os.dup(self.terminal), "w", buffering=1)
+        with open(self.path, "a") as log:
+            os.dup2(log.fileno(), 2)
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self.terminal, 2)
+        os.close(self.terminal)
+        sys.stderr.close()
+        sys.stderr = self.saved
+
+
+def _world():
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def _abort(comm, message: str) -> None:
+    """Print `message` once and end every rank (mpirun then exits non-zero)."""
+    print(f"clipq train (rank {comm.rank} of {comm.size}): {message}", file=sys.stderr, flush=True)
+    comm.Abort(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of each rank: `python -m clipq.data_parallel --solver S [--weights W] [--output O] ...`."""
+    p = argparse.ArgumentParser(prog="python -m clipq.data_parallel",
+                                description="One MPI rank of data-parallel `clipq train` (start it with mpirun).")
+    p.add_argument("--solver", type=Path, required=True)
+    p.add_argument("--weights", type=Path)
+    p.add_argument("--output", type=Path)
+    p.add_argument("--log", type=Path)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    comm = _world()
+    # Caffe's log (read by glog when pycaffe loads): every line on rank 0 (to its log file), warnings and
+    # errors only on the others.
+    os.environ.update(GLOG_logtostderr="1", GLOG_minloglevel="0" if comm.rank == 0 else "1")
+    try:
+        run(args.solver, args.output, args.weights, args.log, not args.no_progress, comm)
+    except ClipqError as e:
+        _abort(comm, str(e))
+    except OSError as e:
+        _abort(comm, f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except Exception as e:  # a Python layer's error, a bad net, ...: the reason, not N tracebacks
+        _abort(comm, f"{type(e).__name__}: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
