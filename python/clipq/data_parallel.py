@@ -36,15 +36,15 @@ from clipq.lock import locked
 MCA = ("--mca", "pml", "ob1", "--mca", "btl", "self,vader")
 
 
-def mpirun_command(ranks: int, rank_args: list[str]) -> list[str]:
-    """`mpirun` running `python -m clipq.data_parallel RANK_ARGS` in `ranks` processes on this machine."""
+def mpirun_command(ranks: int, program: list[str]) -> list[str]:
+    """`mpirun` running `program` in `ranks` processes on this machine."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise ClipqError("--mpi: no mpirun on PATH; run `make install` (Debian's openmpi-bin)")
     cmd = [mpirun, "-np", str(ranks), "--oversubscribe", *MCA]  # the user chose N, even above the cores
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
-    return cmd + [sys.executable, "-m", "clipq.data_parallel", *rank_args]
+    return cmd + program
 
 
 def launch(ranks: int, solver: Path, output: Path | None = None, weights: Path | None = None,
@@ -59,7 +59,7 @@ def launch(ranks: int, solver: Path, output: Path | None = None, weights: Path |
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(name, threads)
-    code = subprocess.call(mpirun_command(ranks, args), env=env)
+    code = subprocess.call(mpirun_command(ranks, [sys.executable, "-m", "clipq.data_parallel", *args]), env=env)
     if code != 0:
         raise ClipqError(f"training with {ranks} MPI ranks failed (mpirun exit {code}; the ranks' messages above)")
     return Path(output) if output is not None else train.final_weights(param)
