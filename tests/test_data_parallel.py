@@ -133,3 +133,18 @@ def test_a_rerun_resumes_from_rank_0s_snapshot(tmp_path, fashion_mnist_slices, s
     assert "resuming from" in done.stderr and "snap_iter_3.solverstate" in done.stderr
     assert (snaps / "snap_iter_6.caffemodel").exists()
     assert done.stdout.strip() == str(snaps / "snap_iter_6.caffemodel")
+
+
+@pytest.mark.slow
+def test_compress_fine_tunes_in_two_ranks(tmp_path, trained_mlp):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("version: 1\nlayers:\n  ip1: {p: 0.9, b: 3}\n  ip2: {p: 0.8, b: 4}\n  ip3: {p: 0.5, b: 5}\n")
+    out = tmp_path / "out"
+    done = loopback([str(Path(sys.executable).parent / "clipq"), "compress", "--mpi", "2", "--no-progress",
+                     "--model", str(trained_mlp["model"]), "--weights", str(trained_mlp["weights"]),
+                     "--solver", str(trained_mlp["solver"]), "--out", str(out), "--plan", str(plan)], tmp_path)
+    assert done.returncode == 0, done.stderr[:3000]
+    log = (out / "finetune.log").read_text()  # rank 0's: pycaffe's glog, not the `caffe train` CLI's
+    assert "Logging before InitGoogleLogging" in log and "clipq_iter_40.solverstate" in log
+    assert (out / "finetuned.caffemodel").exists()
+    assert "| **Overall** |" in (out / "report.md").read_text()

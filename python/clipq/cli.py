@@ -200,7 +200,7 @@ def _compress(args) -> int:
                     "compress")
     config = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, args.plan, _settings(args),
                                      args.jobs, args.max_iter, args.huffman, not args.no_progress,
-                                     **budget_options(args))
+                                     **budget_options(args), mpi=args.mpi or 0)
     report = pipeline.run(config, log=lambda msg: print(msg, file=sys.stderr))
     print((args.out / "report.md").read_text())
     return budget_exit(report, args.command)
@@ -551,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=positive_int, help="fine-tuning iterations (default: the solver's max_iter)")
     p.add_argument("--huffman", action="store_true", help="Huffman-code the .clipq streams")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--mpi", type=positive_int, metavar="N",
+                   help="fine-tune in N MPI processes, gradients averaged: N x the solver's batch per iteration "
+                        "(see clipq train --help)")
     _search_arguments(p)
     budget_arguments(p)
     p.set_defaults(func=_compress)

@@ -20,6 +20,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -54,6 +55,7 @@ class CompressConfig:
     rounds: int = 5           # fine-tuning rounds of the budget's bisection
     se_margin: float = 1.0    # a round meets the budget when val drop + se_margin * its standard error <= max_drop
     synthetic: bool = False   # random images and labels (`reproduce --smoke`): the report says accuracy means nothing
+    mpi: int = 0              # fine-tune in this many MPI processes (clipq.data_parallel); 0: one `caffe train`
 
     @property
     def search_data(self) -> str:
@@ -163,6 +165,15 @@ def scale_schedule(param, share: float) -> None:
     steps = [max(1, round(v * share)) for v in param.stepvalue]
     del param.stepvalue[:]
     param.stepvalue.extend(steps)
+
+
+def _trainer(config: CompressConfig) -> Callable[..., Path]:
+    """train.train, or its data-parallel twin when --mpi N is given."""
+    if not config.mpi:
+        return train.train
+    from clipq import data_parallel
+
+    return partial(data_parallel.launch, config.mpi)
 
 
 def finetune_solver(config: CompressConfig, net: Path, work: Path, val_entries: int | None,
@@ -306,8 +317,8 @@ def run_phase(config: CompressConfig, nets: Nets, stages: Stages, method, phase,
 
     def finetune():
         keep_snapshots_of(work / "finetune", finetune_in)
-        return str(train.train(solver, output=finetuned, weights=start, log=work / "finetune.log",
-                               progress=config.progress))
+        return str(_trainer(config)(solver, output=finetuned, weights=start, log=work / "finetune.log",
+                                    progress=config.progress))
 
     stages.run(f"{prefix}finetune", finetune_in, [finetuned], finetune, log)
     return test_net, finetuned
