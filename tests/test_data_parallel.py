@@ -135,6 +135,18 @@ def test_a_rerun_resumes_from_rank_0s_snapshot(tmp_path, fashion_mnist_slices, s
     assert done.stdout.strip() == str(snaps / "snap_iter_6.caffemodel")
 
 
+def test_an_error_on_a_rank_stops_every_rank_with_one_line(tmp_path, fashion_mnist_slices):
+    from clipq.lock import locked
+
+    path = solver(tmp_path, "plain", fashion_mnist_slices["tiny"], BATCH, clipq=False, iters=2)
+    with locked(tmp_path / "plain" / "snap.lock"):  # another run holds the snapshots: rank 0 refuses
+        done = clipq_train(["--mpi", "2", "--solver", str(path)], tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.count("clipq train (rank 0 of 2): ") == 1 and "Traceback" not in done.stderr
+    assert "in use by another clipq run" in done.stderr and "MPI_ABORT" not in done.stderr
+    assert "training with 2 MPI ranks failed" in done.stderr
+
+
 @pytest.mark.slow
 def test_compress_fine_tunes_in_two_ranks(tmp_path, trained_mlp):
     plan = tmp_path / "plan.yaml"

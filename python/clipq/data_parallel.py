@@ -32,8 +32,9 @@ from clipq.atomic import atomic_write
 from clipq.errors import ClipqError
 from clipq.lock import locked
 
-# One machine: the ranks talk through shared memory (vader), not TCP.
-MCA = ("--mca", "pml", "ob1", "--mca", "btl", "self,vader")
+# One machine: the ranks talk through shared memory (vader), not TCP. No Open MPI stack dump of a rank that
+# a failed Caffe CHECK aborts (opal_signal): glog's message says what failed.
+MCA = ("--mca", "pml", "ob1", "--mca", "btl", "self,vader", "--mca", "opal_signal", "")
 
 
 def mpirun_command(ranks: int, program: list[str]) -> list[str]:
@@ -41,7 +42,8 @@ def mpirun_command(ranks: int, program: list[str]) -> list[str]:
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise ClipqError("--mpi: no mpirun on PATH; run `make install` (Debian's openmpi-bin)")
-    cmd = [mpirun, "-np", str(ranks), "--oversubscribe", *MCA]  # the user chose N, even above the cores
+    # --oversubscribe: the user chose N, even above the cores; -q: the ranks' one-line errors, no MPI banners
+    cmd = [mpirun, "-q", "-np", str(ranks), "--oversubscribe", *MCA]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     return cmd + program
@@ -61,7 +63,8 @@ def launch(ranks: int, solver: Path, output: Path | None = None, weights: Path |
         env.setdefault(name, threads)
     code = subprocess.call(mpirun_command(ranks, [sys.executable, "-m", "clipq.data_parallel", *args]), env=env)
     if code != 0:
-        raise ClipqError(f"training with {ranks} MPI ranks failed (mpirun exit {code}; the ranks' messages above)")
+        log = log or Path(f"{param.snapshot_prefix}.log")
+        raise ClipqError(f"training with {ranks} MPI ranks failed (mpirun exit {code}); rank 0's Caffe log: {log}")
     return Path(output) if output is not None else train.final_weights(param)
 
 
