@@ -147,7 +147,6 @@ def test_an_error_on_a_rank_stops_every_rank_with_one_line(tmp_path, fashion_mni
     assert "training with 2 MPI ranks failed" in done.stderr
 
 
-@pytest.mark.slow
 def test_compress_fine_tunes_in_two_ranks(tmp_path, trained_mlp):
     plan = tmp_path / "plan.yaml"
     plan.write_text("version: 1\nlayers:\n  ip1: {p: 0.9, b: 3}\n  ip2: {p: 0.8, b: 4}\n  ip3: {p: 0.5, b: 5}\n")
