@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from clipq import caffemodel, data_parallel
+from clipq import caffemodel, data_parallel, train
 
 TESTS = Path(__file__).resolve().parent
 BATCH = 8  # per rank; the tiny LMDB's 64 images are 4 iterations of 2 ranks x 8
@@ -133,6 +135,23 @@ def test_a_rerun_resumes_from_rank_0s_snapshot(tmp_path, fashion_mnist_slices, s
     assert "resuming from" in done.stderr and "snap_iter_3.solverstate" in done.stderr
     assert (snaps / "snap_iter_6.caffemodel").exists()
     assert done.stdout.strip() == str(snaps / "snap_iter_6.caffemodel")
+
+
+def test_an_interrupt_makes_rank_0_snapshot_and_every_rank_stop(tmp_path, fashion_mnist_slices):
+    path = solver(tmp_path, "long", fashion_mnist_slices["tiny"], BATCH, clipq=True, iters=1_000_000)
+    clipq = str(Path(sys.executable).parent / "clipq")
+    script = "ip link set lo up && exec " + shlex.join([clipq, "train", "--mpi", "2", "--no-progress",
+                                                        "--solver", str(path)])
+    proc = subprocess.Popen(["unshare", "-n", "sh", "-c", script], stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "long" / "snap.log"
+    deadline = time.monotonic() + 120
+    while "Iteration 20," not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what Ctrl-C does (clipq treats SIGTERM as an interrupt)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "interrupted; rank 0 snapshotted" in stderr, stderr[:3000]
+    (iteration, _), = train.snapshots(str(tmp_path / "long" / "snap"))
+    assert 20 <= iteration < 1_000_000
 
 
 def test_an_error_on_a_rank_stops_every_rank_with_one_line(tmp_path, fashion_mnist_slices):

@@ -10,9 +10,10 @@ layers then quantize identical full-precision weights to identical weights).
 Rank 0 decides as `clipq train` does (train.py): the lock on `<snapshot_prefix>.lock`, a finished run, the
 newest usable snapshot to resume from; the others follow its choice. BVLC snapshots on rank 0 only (the
 root solver), tests only there, and writes Caffe's log there (`<snapshot_prefix>.log`); rank 0 shows the
-progress bar and copies the final caffemodel to --output. An error on any rank stops every rank (MPI Abort)
-with one line. In a cluster, the snapshot directory, the solver's files and its LMDBs must be at the same
-paths on every machine (a shared file system): every rank restores the snapshot itself.
+progress bar and copies the final caffemodel to --output. STOP_SIGNAL (Ctrl-C of `clipq train --mpi`)
+makes every rank stop after the same iteration, rank 0 snapshotting first. An error on any rank stops every
+rank (MPI Abort) with one line. In a cluster, the snapshot directory, the solver's files and its LMDBs
+must be at the same paths on every machine (a shared file system): every rank restores the snapshot itself.
 
 One machine:  clipq train --mpi N --solver S ...   (runs `mpirun -np N ... python -m clipq.data_parallel`)
 A cluster:    mpirun -np N --hostfile H .venv/bin/python -m clipq.data_parallel --solver S ...
@@ -23,14 +24,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 from clipq import train
 from clipq.atomic import atomic_write
 from clipq.errors import ClipqError
 from clipq.lock import locked
+from clipq.processes import end_with_parent
+
+STOP_SIGNAL = signal.SIGUSR1  # snapshot and stop: a signal mpirun forwards to every rank
 
 # One machine: the ranks talk through shared memory (vader), not TCP. No Open MPI stack dump of a rank that
 # a failed Caffe CHECK aborts (opal_signal): glog's message says what failed.
@@ -61,7 +67,17 @@ def launch(ranks: int, solver: Path, output: Path | None = None, weights: Path |
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(name, threads)
-    code = subprocess.call(mpirun_command(ranks, [sys.executable, "-m", "clipq.data_parallel", *args]), env=env)
+    # Its own session: Ctrl-C reaches clipq only, which asks the ranks to snapshot and stop (SIGUSR1, which
+    # mpirun forwards); mpirun gets SIGTERM (it ends the ranks) if clipq dies.
+    proc = subprocess.Popen(mpirun_command(ranks, [sys.executable, "-m", "clipq.data_parallel", *args]), env=env,
+                            start_new_session=True, preexec_fn=partial(end_with_parent, signal.SIGTERM, os.getpid()))
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(STOP_SIGNAL)
+        proc.wait()
+        raise ClipqError(f"interrupted; rank 0 snapshotted under {param.snapshot_prefix}; "
+                         "rerun the same command to resume") from None
     if code != 0:
         log = log or Path(f"{param.snapshot_prefix}.log")
         raise ClipqError(f"training with {ranks} MPI ranks failed (mpirun exit {code}); rank 0's Caffe log: {log}")
@@ -143,15 +159,45 @@ def fine_tune(solver_path: Path, comm, snapshot: Path | None = None, weights: Pa
     solver.add_callback(lambda: None, average_gradients)
     param = train.read_solver(solver_path)  # all fields (pycaffe's solver.param has a few)
     bar = train.progress_bar(param.max_iter, solver.iter, str(solver_path), progress and comm.rank == 0)
-    while solver.iter < param.max_iter:
+    requests, stopped = _StopRequests(), False
+    while solver.iter < param.max_iter and not stopped:
         solver.step(1)  # one at a time, for the bar: Step's snapshots and display follow the global iteration
         if bar is not None:
             bar.update(1)
+        stopped = comm.allreduce(requests.received, op=_logical_or())  # all stop after the same iteration
     if bar is not None:
         bar.close()
-    if comm.rank == 0 and _snapshot_after_train(param, solver.iter):
+    stopped = stopped and solver.iter < param.max_iter
+    if comm.rank == 0 and (stopped or _snapshot_after_train(param, solver.iter)):
         solver.snapshot()
+    if stopped:
+        raise Interrupted(solver.iter)
     return solver
+
+
+class Interrupted(Exception):
+    """A stop request (STOP_SIGNAL) ended training early, after rank 0's snapshot at `iteration`."""
+
+    def __init__(self, iteration: int):
+        super().__init__(f"stopped at iteration {iteration} (snapshotted)")
+        self.iteration = iteration
+
+
+class _StopRequests:
+    """`received` turns True when this rank gets STOP_SIGNAL (from `clipq train --mpi` on Ctrl-C, via mpirun)."""
+
+    def __init__(self):
+        self.received = False
+        signal.signal(STOP_SIGNAL, self._receive)
+
+    def _receive(self, signum, frame) -> None:
+        self.received = True
+
+
+def _logical_or():
+    from mpi4py import MPI
+
+    return MPI.LOR
 
 
 def _snapshot_after_train(param, iteration: int) -> bool:
@@ -228,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(GLOG_logtostderr="1", GLOG_minloglevel="0" if comm.rank == 0 else "1")
     try:
         run(args.solver, args.output, args.weights, args.log, not args.no_progress, comm)
+    except Interrupted as e:
+        if comm.rank == 0:
+            print(f"clipq train: {e}", file=sys.stderr)
+        return 130
     except ClipqError as e:
         _abort(comm, str(e))
     except OSError as e:
