@@ -56,6 +56,26 @@ def _number(text: str, kind: type, valid, expected: str):
     return value
 
 
+def shape_chw(text: str) -> tuple[int, int, int]:
+    """argparse type: C,H,W (e.g. 1,28,28)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(x) for x in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1 or shape[0] not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected C,H,W with C 1 or 3 (e.g. 1,28,28), got {text!r}")
+    return shape
+
+
+def new_dir(text: str) -> Path:
+    """argparse type: a directory to create (an existing one is refused: nothing is overwritten)."""
+    path = Path(text)
+    if path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: already exists; give a new directory (nothing is overwritten)")
+    return path
+
+
 def output_file(text: str) -> Path:
     """argparse type: a file to write (an existing file is replaced; a directory is refused)."""
     path = Path(text)
@@ -282,26 +302,6 @@ def _init(args) -> int:
           "   (add --weights ZOO.caffemodel to start from trained weights)\n"
           f"  clipq compress --experiment {args.out} --max-drop 1")
     return 0
-
-
-def shape_chw(text: str) -> tuple[int, int, int]:
-    """argparse type: C,H,W (e.g. 1,28,28)."""
-    parts = text.replace("x", ",").split(",")
-    try:
-        shape = tuple(int(x) for x in parts)
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1 or shape[0] not in (1, 3):
-        raise argparse.ArgumentTypeError(f"expected C,H,W with C 1 or 3 (e.g. 1,28,28), got {text!r}")
-    return shape
-
-
-def new_dir(text: str) -> Path:
-    """argparse type: a directory to create (an existing one is refused: nothing is overwritten)."""
-    path = Path(text)
-    if path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: already exists; give a new directory (nothing is overwritten)")
-    return path
 
 
 def _summary(args) -> int:
