@@ -21,6 +21,7 @@ import importlib.util
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from collections import deque
@@ -73,6 +74,9 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 def connected(address: str, workers: int) -> Iterator[None]:
     """Ray for the duration: a local loopback-only one (`address` 'local', `workers` CPUs) or the cluster at
     `address`; left as it is if this process is already connected."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        yield
+        return
     if importlib.util.find_spec("ray") is None:
         raise ClipqError("--ray needs Ray: pip install -r requirements.txt (ray is pinned there)")
     with contextlib.ExitStack() as stack:
@@ -82,9 +86,6 @@ def connected(address: str, workers: int) -> Iterator[None]:
             stack.enter_context(_environ(loopback_env(tmpdir)))
         import ray
 
-        if ray.is_initialized():
-            yield
-            return
         try:
             if address == LOCAL:
                 ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=workers,
