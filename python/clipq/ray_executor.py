@@ -46,9 +46,6 @@ class Evaluator:
     def evaluate(self, layer: str, p: float, bits: int) -> tuple[float, float]:
         return self._evaluate(layer, p, bits)
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 def loopback_env(tmpdir: str) -> dict[str, str]:
     """Environment of a Ray that stays on this machine: no usage reporting, token auth, files in `tmpdir`."""
@@ -179,6 +176,10 @@ def run(job: SearchJob, layers: list[tuple[int, str]], address: str, workers: in
     with connected(address, workers), contextlib.ExitStack() as stack:
         import ray
 
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if workers > cpus:  # an actor without a CPU would never start, and its layers would wait forever
+            print(f"[search] the Ray cluster has {cpus} CPUs: {cpus} workers instead of {workers}", file=sys.stderr)
+            workers = max(cpus, 1)
         searches = [stack.enter_context(LayerSearch(name, index, job.settings, Path(job.out), job.model_id,
                                                     job.data)) for index, name in layers]
         actors = start_actors(make, workers)

@@ -120,7 +120,7 @@ def _random_point(settings: SearchSettings, rng: np.random.Generator) -> tuple[f
 
 
 def _patch_gpyopt_local_penalization() -> None:
-    """GPyOpt 1.2.6's batch mode with scipy >= 1.x: `estimate_L` reads `res.fun[0][0]`, but L-BFGS-B's
+    """GPyOpt 1.2.6's batch mode with current scipy (1.17): `estimate_L` reads `res.fun[0][0]`, but L-BFGS-B's
     `res.fun` is now a plain float (TypeError). Replace it by the same estimate with that one expression
     made tolerant (`np.atleast_2d(res.fun)[0][0]`); site-packages stay untouched."""
     import scipy.optimize
