@@ -149,8 +149,8 @@ def _result(ray, ref) -> tuple[float, float]:
     try:
         return tuple(ray.get(ref))
     except ray.exceptions.RayActorError as e:
-        raise ClipqError(f"a Ray worker died more than {RESTARTS} times ({e}); finished evaluations are logged: "
-                         "fix the cause and rerun to resume") from None
+        raise ClipqError(f"a Ray worker could not start, or died more than {RESTARTS} times ({e}); finished "
+                         "evaluations are logged: fix the cause and rerun to resume") from None
 
 
 def _log_finished(points: deque[_Point]) -> int:
