@@ -197,7 +197,7 @@ def _search(args) -> int:
     else:
         preflight.first_datum(args.data, "--data")
     plan = search.run(args.model, args.weights, args.out, args.layers, _settings(args), args.jobs, args.data,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, ray=args.ray, batch=args.ray_batch)
     for name, lp in plan.items():
         print(f"{name:<28} p={lp.p:.3f}  b={lp.bits}")
     print(f"{args.out / 'plan.yaml'}; plots in {args.out / 'plots'}")
@@ -220,7 +220,7 @@ def _compress(args) -> int:
                     "compress")
     config = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, args.plan, _settings(args),
                                      args.jobs, args.max_iter, args.huffman, not args.no_progress,
-                                     **budget_options(args))
+                                     **budget_options(args), **ray_options(args))
     report = pipeline.run(config, log=lambda msg: print(msg, file=sys.stderr))
     print((args.out / "report.md").read_text())
     return budget_exit(report, args.command)
@@ -251,6 +251,10 @@ def budget_options(args) -> dict:
             "se_margin": args.se_margin}
 
 
+def ray_options(args) -> dict:
+    return {"ray": args.ray, "ray_batch": args.ray_batch}
+
+
 def budget_exit(report: dict, command: str) -> int:
     """Exit 1, with a plain message, when --max-drop was asked for and no round met it."""
     budget = report.get("budget")
@@ -266,7 +270,7 @@ def _compare(args) -> int:
     from clipq import compare, pipeline
 
     cc = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, None, _settings(args), args.jobs,
-                                 args.max_iter, args.huffman, not args.no_progress, val=args.val)
+                                 args.max_iter, args.huffman, not args.no_progress, val=args.val, **ray_options(args))
     config = compare.CompareConfig(cc, tuple(args.targets), args.matched, tuple(args.methods), args.lc_steps)
     compare.run(config, log=lambda msg: print(msg, file=sys.stderr))
     print((args.out / "compare.md").read_text())
@@ -363,7 +367,14 @@ def _search_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the subset and of the search (and, in compress, the fine-tuning's random_seed)")
     p.add_argument("--p-max", type=open_fraction, default=0.99, help="largest pruning rate searched (default 0.99)")
-    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel processes (default: cores)")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                   help="parallel processes, or Ray workers with --ray (default: cores)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="evaluate on Ray actors: 'local' (a Ray on this machine, 127.0.0.1 only) or a cluster's "
+                        "HEAD:PORT (`ray start --head`); the logs resume under either executor")
+    p.add_argument("--ray-batch", type=positive_int,
+                   help="with --ray: points suggested per layer at a time (default: workers // unfinished layers; "
+                        "1 gives the local executor's plan)")
 
 
 def budget_arguments(p) -> None:
