@@ -11,14 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 
-def caffe_has_opencv() -> bool:
-    """Whether the Caffe clipq runs on was built with OpenCV (its build stamp says so)."""
-    from clipq import caffe_io, doctor
-
-    root = Path(caffe_io.caffe().__file__).resolve().parents[2]
-    return doctor.read_build_stamp(root).get("opencv") == "1"
-
-
 @pytest.fixture
 def repo() -> Path:
     return REPO
@@ -84,7 +76,7 @@ def trained_mlp(tmp_path_factory, fashion_mnist_slices) -> dict:
 
 @pytest.fixture(scope="session")
 def caffe_root() -> Path:
-    """The root of the Caffe build pycaffe is imported from (<root>/python/caffe/__init__.py)."""
+    """The root of the Caffe build pycaffe is imported from."""
     from clipq import caffe_io
 
-    return Path(caffe_io.caffe().__file__).resolve().parents[2]
+    return caffe_io.caffe_root()

@@ -34,10 +34,15 @@ def set_mode() -> str:
     return device
 
 
+def caffe_root() -> Path:
+    """The root of the Caffe build pycaffe is imported from (<root>/python/caffe/__init__.py)."""
+    return Path(caffe().__file__).resolve().parents[2]
+
+
 def tool(name: str) -> Path:
     """One of Caffe's build/tools/ programs (convert_imageset, upgrade_net_proto_text, ...) of the build
     pycaffe comes from; an error if that build lacks it."""
-    path = Path(caffe().__file__).resolve().parents[2] / "build" / "tools" / name
+    path = caffe_root() / "build" / "tools" / name
     if not path.exists():
         raise ClipqError(f"{path}: Caffe's {name} is not built (`make install` builds Caffe with its tools)")
     return path
@@ -47,7 +52,7 @@ def has_opencv() -> bool:
     """Whether the Caffe pycaffe comes from was built with OpenCV (encoded Datums, convert_imageset)."""
     from clipq import doctor
 
-    return doctor.read_build_stamp(Path(caffe().__file__).resolve().parents[2]).get("opencv") == "1"
+    return doctor.read_build_stamp(caffe_root()).get("opencv") == "1"
 
 
 def caffe_pb2():

@@ -56,6 +56,26 @@ def _number(text: str, kind: type, valid, expected: str):
     return value
 
 
+def shape_chw(text: str) -> tuple[int, int, int]:
+    """argparse type: C,H,W (e.g. 1,28,28)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(x) for x in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1 or shape[0] not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected C,H,W with C 1 or 3 (e.g. 1,28,28), got {text!r}")
+    return shape
+
+
+def new_dir(text: str) -> Path:
+    """argparse type: a directory to create (an existing one is refused: nothing is overwritten)."""
+    path = Path(text)
+    if path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: already exists; give a new directory (nothing is overwritten)")
+    return path
+
+
 def output_file(text: str) -> Path:
     """argparse type: a file to write (an existing file is replaced; a directory is refused)."""
     path = Path(text)
@@ -177,7 +197,7 @@ def _search(args) -> int:
     else:
         preflight.first_datum(args.data, "--data")
     plan = search.run(args.model, args.weights, args.out, args.layers, _settings(args), args.jobs, args.data,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, ray=args.ray, batch=args.ray_batch)
     for name, lp in plan.items():
         print(f"{name:<28} p={lp.p:.3f}  b={lp.bits}")
     print(f"{args.out / 'plan.yaml'}; plots in {args.out / 'plots'}")
@@ -200,7 +220,7 @@ def _compress(args) -> int:
                     "compress")
     config = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, args.plan, _settings(args),
                                      args.jobs, args.max_iter, args.huffman, not args.no_progress,
-                                     **budget_options(args), mpi=args.mpi or 0)
+                                     **budget_options(args), **ray_options(args), mpi=args.mpi or 0)
     report = pipeline.run(config, log=lambda msg: print(msg, file=sys.stderr))
     print((args.out / "report.md").read_text())
     return budget_exit(report, args.command)
@@ -231,6 +251,10 @@ def budget_options(args) -> dict:
             "se_margin": args.se_margin}
 
 
+def ray_options(args) -> dict:
+    return {"ray": args.ray, "ray_batch": args.ray_batch}
+
+
 def budget_exit(report: dict, command: str) -> int:
     """Exit 1, with a plain message, when --max-drop was asked for and no round met it."""
     budget = report.get("budget")
@@ -246,7 +270,7 @@ def _compare(args) -> int:
     from clipq import compare, pipeline
 
     cc = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, None, _settings(args), args.jobs,
-                                 args.max_iter, args.huffman, not args.no_progress, val=args.val)
+                                 args.max_iter, args.huffman, not args.no_progress, val=args.val, **ray_options(args))
     config = compare.CompareConfig(cc, tuple(args.targets), args.matched, tuple(args.methods), args.lc_steps)
     compare.run(config, log=lambda msg: print(msg, file=sys.stderr))
     print((args.out / "compare.md").read_text())
@@ -282,26 +306,6 @@ def _init(args) -> int:
           "   (add --weights ZOO.caffemodel to start from trained weights)\n"
           f"  clipq compress --experiment {args.out} --max-drop 1")
     return 0
-
-
-def shape_chw(text: str) -> tuple[int, int, int]:
-    """argparse type: C,H,W (e.g. 1,28,28)."""
-    parts = text.replace("x", ",").split(",")
-    try:
-        shape = tuple(int(x) for x in parts)
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1 or shape[0] not in (1, 3):
-        raise argparse.ArgumentTypeError(f"expected C,H,W with C 1 or 3 (e.g. 1,28,28), got {text!r}")
-    return shape
-
-
-def new_dir(text: str) -> Path:
-    """argparse type: a directory to create (an existing one is refused: nothing is overwritten)."""
-    path = Path(text)
-    if path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: already exists; give a new directory (nothing is overwritten)")
-    return path
 
 
 def _summary(args) -> int:
@@ -369,7 +373,14 @@ def _search_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the subset and of the search (and, in compress, the fine-tuning's random_seed)")
     p.add_argument("--p-max", type=open_fraction, default=0.99, help="largest pruning rate searched (default 0.99)")
-    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel processes (default: cores)")
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                   help="parallel processes, or Ray workers with --ray (default: cores)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="evaluate on Ray actors: 'local' (a Ray on this machine, 127.0.0.1 only) or a cluster's "
+                        "HEAD:PORT (`ray start --head`); the logs resume under either executor")
+    p.add_argument("--ray-batch", type=positive_int,
+                   help="with --ray: points suggested per layer at a time (default: workers // unfinished layers; "
+                        "1 gives the local executor's plan)")
 
 
 def budget_arguments(p) -> None:

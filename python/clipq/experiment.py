@@ -201,34 +201,37 @@ def _heads(net, logits: str, classes: int | None) -> None:
 
 
 def iterations(epochs: float, count: int, batch: int, floor: int) -> int:
+    """Iterations for `epochs` passes over `count` images, at least `floor`."""
     return max(floor, math.ceil(epochs * count / batch))
 
 
 def baseline_solver(net: Path, data: DataDir, settings: InitSettings, out: Path) -> str:
+    """Caffe's LeNet schedule (SGD, "inv" policy), tested once, at the end."""
     max_iter = iterations(settings.epochs, data.counts["train"], settings.batch, settings.min_iter)
     return _solver_text(f"# The baseline: Caffe's LeNet schedule, {max_iter} iterations of batch {settings.batch} "
                         f"(~{max_iter * settings.batch / data.counts['train']:.0f} epochs), tested on the test "
-                        f"set once, at the end (written by `clipq init`)", {
-                            "net": str(net), "test_iter": data.counts["test"] // test_batch(data.counts["test"]),
-                            "test_interval": max_iter, "test_initialization": False, "base_lr": 0.01,
-                            "momentum": 0.9, "weight_decay": 0.0005, "lr_policy": "inv", "gamma": 0.0001,
-                            "power": 0.75, "display": max(1, max_iter // 20), "max_iter": max_iter,
-                            "snapshot": max(1, max_iter // 4), "snapshot_prefix": str(out / "snapshots" / "baseline"),
-                            "solver_mode": "CPU", "random_seed": 1})
+                        f"set once, at the end (written by `clipq init`)", _common(net, data, max_iter, out, "baseline")
+                        | {"test_interval": max_iter, "test_initialization": False, "base_lr": 0.01,
+                           "lr_policy": "inv", "gamma": 0.0001, "power": 0.75, "display": max(1, max_iter // 20),
+                           "snapshot": max(1, max_iter // 4)})
 
 
 def clipq_solver(net: Path, data: DataDir, settings: InitSettings, out: Path) -> str:
+    """The paper's fine-tuning style: base_lr 0.001, x0.1 after two thirds."""
     max_iter = iterations(settings.finetune_epochs, data.counts["train"], settings.batch, settings.min_iter)
     return _solver_text(f"# CLIP-Q fine-tuning for `clipq compress` (which replaces net and snapshot_prefix and "
                         f"tests on the validation LMDB): base_lr 0.001, x0.1 after 2/3, {max_iter} iterations "
-                        f"(written by `clipq init`)", {
-                            "net": str(net), "test_iter": data.counts["test"] // test_batch(data.counts["test"]),
-                            "test_interval": max(1, max_iter // 3), "base_lr": 0.001, "momentum": 0.9,
-                            "weight_decay": 0.0005, "lr_policy": "step", "gamma": 0.1,
-                            "stepsize": max(1, 2 * max_iter // 3), "display": max(1, max_iter // 10),
-                            "max_iter": max_iter, "snapshot": max(1, max_iter // 3),
-                            "snapshot_prefix": str(out / "snapshots" / "clipq"), "solver_mode": "CPU",
-                            "random_seed": 1})
+                        f"(written by `clipq init`)", _common(net, data, max_iter, out, "clipq")
+                        | {"test_interval": max(1, max_iter // 3), "base_lr": 0.001, "lr_policy": "step",
+                           "gamma": 0.1, "stepsize": max(1, 2 * max_iter // 3), "display": max(1, max_iter // 10),
+                           "snapshot": max(1, max_iter // 3)})
+
+
+def _common(net: Path, data: DataDir, max_iter: int, out: Path, prefix: str) -> dict:
+    """Solver fields both solvers share."""
+    return {"net": str(net), "test_iter": data.counts["test"] // test_batch(data.counts["test"]),
+            "momentum": 0.9, "weight_decay": 0.0005, "max_iter": max_iter,
+            "snapshot_prefix": str(out / "snapshots" / prefix), "solver_mode": "CPU", "random_seed": 1}
 
 
 def _solver_text(header: str, fields: dict) -> str:

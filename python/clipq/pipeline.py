@@ -55,6 +55,8 @@ class CompressConfig:
     rounds: int = 5           # fine-tuning rounds of the budget's bisection
     se_margin: float = 1.0    # a round meets the budget when val drop + se_margin * its standard error <= max_drop
     synthetic: bool = False   # random images and labels (`reproduce --smoke`): the report says accuracy means nothing
+    ray: str | None = None    # search on Ray: 'local' or a cluster's address (`ray_executor`); None: local processes
+    ray_batch: int | None = None  # points per layer at a time on Ray (None: workers // unfinished layers)
     mpi: int = 0              # fine-tune in this many MPI processes (clipq.data_parallel); 0: one `caffe train`
 
     @property
@@ -392,7 +394,7 @@ def baseline_and_plan(config: CompressConfig, stages: Stages, nets: Nets, log) -
 
     def search_plan():
         search.run(nets.test, config.weights, out, None, config.settings, config.jobs, search_data,
-                   progress=config.progress, log=log)
+                   progress=config.progress, log=log, ray=config.ray, batch=config.ray_batch)
 
     if config.plan is not None:
         stages.run("search", {"plan": file_id(config.plan)}, [plan_path], copy_plan, log)

@@ -9,7 +9,8 @@ size would favour maximal compression everywhere.
 Domain: p in [0, p_max] (continuous); b continuous in [0.5, 8.5] and rounded to the nearest integer
 (so every bit width 1..8 owns an equal share of the axis), the "b before rounding" of the paper's
 Fig. 3. The first `initial` points of a layer are drawn at random, the rest are GPyOpt's EI
-suggestions from all points so far. Layers are independent: they run in parallel processes.
+suggestions from all points so far. Layers are independent: they run in parallel processes, or on Ray
+actors (`ray_executor`), both driving the same `LayerSearch`.
 
 Every evaluation is appended (and flushed) to `<out>/search/<layer>.jsonl` when it finishes; running the
 same command again resumes from those logs, so Ctrl-C or a crash loses at most the evaluation in
@@ -83,12 +84,17 @@ def _rng(settings: SearchSettings, layer_index: int, iteration: int) -> np.rando
     return np.random.default_rng([settings.seed, layer_index, iteration])
 
 
-def suggest(history: list[Evaluation], settings: SearchSettings, layer_index: int) -> tuple[float, float]:
-    """The next (p, b_raw) to evaluate: random for the initial design, then GP-EI (GPyOpt)."""
+def suggest_batch(history: list[Evaluation], settings: SearchSettings, layer_index: int,
+                  size: int) -> list[tuple[float, float]]:
+    """The next `size` (p, b_raw) to evaluate (fewer if the initial design or the layer's iterations end
+    sooner): random for the initial design, then GP-EI; a batch of several uses GPyOpt's local penalization.
+    Size 1 gives the same points as evaluating one at a time."""
     iteration = len(history)
+    size = max(1, min(size, settings.iterations - iteration))
+    if iteration < settings.initial:  # each initial point has its own generator: batching keeps the same points
+        return [_random_point(settings, _rng(settings, layer_index, i))
+                for i in range(iteration, min(iteration + size, settings.initial))]
     rng = _rng(settings, layer_index, iteration)
-    if iteration < settings.initial:
-        return float(rng.uniform(0, settings.p_max)), float(rng.uniform(*B_DOMAIN))
     os.environ.setdefault("MPLBACKEND", "Agg")  # GPyOpt imports pylab
     import GPyOpt
     from threadpoolctl import threadpool_limits
@@ -97,13 +103,46 @@ def suggest(history: list[Evaluation], settings: SearchSettings, layer_index: in
               {"name": "b", "type": "continuous", "domain": B_DOMAIN}]
     X = np.array([[e.p, e.b_raw] for e in history])
     Y = np.array([[e.objective] for e in history])
+    batch = {} if size == 1 else {"evaluator_type": "local_penalization", "batch_size": size}
+    if batch:
+        _patch_gpyopt_local_penalization()
     np.random.seed(int(rng.integers(2 ** 31)))  # GPyOpt draws from numpy's global generator
     with threadpool_limits(1):  # tiny matrices: threads cost more than they save (measured 5x slower)
         bo = GPyOpt.methods.BayesianOptimization(f=None, domain=domain, X=X, Y=Y, acquisition_type="EI",
                                                  normalize_Y=True, exact_feval=False, optimize_restarts=1,
-                                                 verbosity=False)
-        p, b_raw = bo.suggest_next_locations()[0]
-    return float(np.clip(p, 0.0, settings.p_max)), float(np.clip(b_raw, *B_DOMAIN))
+                                                 verbosity=False, **batch)
+        points = bo.suggest_next_locations()
+    return [(float(np.clip(p, 0.0, settings.p_max)), float(np.clip(b_raw, *B_DOMAIN))) for p, b_raw in points]
+
+
+def _random_point(settings: SearchSettings, rng: np.random.Generator) -> tuple[float, float]:
+    return float(rng.uniform(0, settings.p_max)), float(rng.uniform(*B_DOMAIN))
+
+
+def _patch_gpyopt_local_penalization() -> None:
+    """GPyOpt 1.2.6's batch mode with current scipy (1.17): `estimate_L` reads `res.fun[0][0]`, but L-BFGS-B's
+    `res.fun` is now a plain float (TypeError). Replace it by the same estimate with that one expression
+    made tolerant (`np.atleast_2d(res.fun)[0][0]`); site-packages stay untouched."""
+    import scipy.optimize
+    from GPyOpt.core.evaluators import batch_local_penalization as lp
+
+    if getattr(lp.estimate_L, "clipq_patched", False):
+        return
+
+    def estimate_L(model, bounds, storehistory=True):
+        def df(x, model, x0):
+            dmdx, _ = model.predictive_gradients(np.atleast_2d(x))
+            return -np.sqrt((dmdx * dmdx).sum(1))  # minus the norm of the mean's gradient
+
+        samples = np.vstack([lp.samples_multidimensional_uniform(bounds, 500), model.X])
+        x0 = samples[np.argmin(df(samples, model, 0))]
+        res = scipy.optimize.minimize(df, x0, method="L-BFGS-B", bounds=bounds, args=(model, x0),
+                                      options={"maxiter": 200})
+        L = -np.atleast_2d(res.fun)[0][0]
+        return 10 if L < 1e-7 else L  # as GPyOpt: a flat model
+
+    estimate_L.clipq_patched = True
+    lp.estimate_L = estimate_L
 
 
 def layer_log(out: Path, layer: str) -> Path:
@@ -147,27 +186,62 @@ def lock_log(log: IO[str], path: Path) -> None:
         fcntl.flock(log, fcntl.LOCK_EX)
 
 
+class LayerSearch:
+    """One layer's search as a log: holds `<out>/search/<layer>.jsonl` locked, knows the evaluations so far,
+    suggests the next points and appends each result exactly once. Executors (local processes, Ray) drive it."""
+
+    def __init__(self, layer: str, layer_index: int, settings: SearchSettings, out: Path, model_id: str,
+                 data: str = ""):
+        self.layer, self.layer_index, self.settings = layer, layer_index, settings
+        path = layer_log(out, layer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(path, "a")
+        try:
+            lock_log(self.log, path)
+            self.history = read_log(path, layer, settings, model_id, data)  # under the lock: nobody appends now
+            if os.fstat(self.log.fileno()).st_size == 0:
+                append_log(self.log, {"layer": layer, "model": model_id, "settings": asdict(settings), "data": data})
+        except BaseException:
+            self.log.close()
+            raise
+
+    @property
+    def done(self) -> bool:
+        return len(self.history) >= self.settings.iterations
+
+    def suggest(self, size: int = 1) -> list[tuple[float, float]]:
+        """The next points (p, b_raw), at most `size` (see `suggest_batch`)."""
+        return suggest_batch(self.history, self.settings, self.layer_index, size)
+
+    def record(self, p: float, b_raw: float, error: float, benefit: float, seconds: float) -> Evaluation:
+        """Log one finished evaluation (the next iteration) and add it to the history."""
+        entry = Evaluation(len(self.history), p, b_raw, round_bits(b_raw), error, benefit,
+                           objective(error, benefit, self.settings.lam), seconds)
+        append_log(self.log, asdict(entry))
+        self.history.append(entry)
+        return entry
+
+    def close(self) -> None:
+        self.log.close()
+
+    def __enter__(self) -> LayerSearch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def search_layer(layer: str, layer_index: int, evaluate: Callable[[str, float, int], tuple[float, float]],
                  settings: SearchSettings, out: Path, model_id: str, data: str = "") -> list[Evaluation]:
-    """Run (or resume) one layer's search to `settings.iterations` evaluations; `data` names the
-    images the error is measured on (recorded in the log's header)."""
-    path = layer_log(out, layer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as log:
-        lock_log(log, path)
-        history = read_log(path, layer, settings, model_id, data)  # read under the lock: nobody appends now
-        if os.fstat(log.fileno()).st_size == 0:
-            append_log(log, {"layer": layer, "model": model_id, "settings": asdict(settings), "data": data})
-        while len(history) < settings.iterations:
+    """Run (or resume) one layer's search to `settings.iterations` evaluations, one at a time; `data` names
+    the images the error is measured on (recorded in the log's header)."""
+    with LayerSearch(layer, layer_index, settings, out, model_id, data) as search:
+        while not search.done:
             start = time.perf_counter()
-            p, b_raw = suggest(history, settings, layer_index)
-            bits = round_bits(b_raw)
-            error, benefit = evaluate(layer, p, bits)
-            entry = Evaluation(len(history), p, b_raw, bits, error, benefit,
-                               objective(error, benefit, settings.lam), time.perf_counter() - start)
-            append_log(log, asdict(entry))
-            history.append(entry)
-    return history
+            (p, b_raw), = search.suggest()
+            error, benefit = evaluate(layer, p, round_bits(b_raw))
+            search.record(p, b_raw, error, benefit, time.perf_counter() - start)
+        return search.history
 
 
 def best(history: list[Evaluation]) -> Evaluation:
@@ -244,9 +318,13 @@ def model_id(weights: str | os.PathLike) -> str:
 
 def run(model, weights, out, layers: list[str] | None = None, settings: SearchSettings = SearchSettings(),
         jobs: int = 1, data: str | None = None, progress: bool = True,
-        log: Callable[[str], None] = lambda message: print(message, file=sys.stderr)) -> dict[str, LayerPlan]:
+        log: Callable[[str], None] = lambda message: print(message, file=sys.stderr), ray: str | None = None,
+        batch: int | None = None) -> dict[str, LayerPlan]:
     """`clipq search`: search every (or the given) Convolution / InnerProduct layer; write plan.yaml and
     the plots under `out`; return the plan.
+
+    `jobs` local processes evaluate, or, with `ray` (an address or 'local'), `jobs` Ray actors
+    (`ray_executor`; `batch` points per layer at a time, default workers // unfinished layers).
 
     The error is measured on a random subset of `data` (an LMDB: held-out validation images), or of the
     net's TRAIN-phase LMDB when `data` is None (the paper's choice). A subset larger than the LMDB is
@@ -254,7 +332,13 @@ def run(model, weights, out, layers: list[str] | None = None, settings: SearchSe
     """
     with output_directory(out, log):
         job, layers = prepare(model, weights, out, layers, settings, data, log)
-        _run_workers(job, [(job_layer_index(job, name), name) for name in layers], jobs, progress)
+        indexed = [(job_layer_index(job, name), name) for name in layers]
+        if ray:
+            from clipq import ray_executor
+
+            ray_executor.run(job, indexed, ray, jobs, batch, progress)
+        else:
+            _run_workers(job, indexed, jobs, progress)
         histories = load_histories(job, layers)
         plan = {name: LayerPlan(best(h).p, best(h).bits) for name, h in histories.items()}
         for name, history in histories.items():
