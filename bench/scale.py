@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""Training iterations per second on more processes: `clipq train --mpi N` against `clipq train` (`caffe train`).
+"""Scaling out, measured against the local path in the same run: fine-tuning on MPI ranks, the search on Ray.
+
+Part "train": training iterations per second of `clipq train --mpi N` against `clipq train` (`caffe train`).
+Part "search": search evaluations per second on Ray workers against local processes (bench/scale_ray.py,
+which documents its workload).
 
 LeNet-5 on the Fashion-MNIST train LMDB (`make data`), SGD from the fillers, no test phase. Each row is one
 way of running the same solver, measured `--repeats` times in this run; a row's rate is the steady state
@@ -10,7 +14,7 @@ sets (cores / N per rank, unless OMP_NUM_THREADS or OPENBLAS_NUM_THREADS is set)
 cores) for caffe train.
 The whole run is in a network namespace with loopback only (`unshare -n`) when it may create one.
 
-    .venv/bin/python bench/scale.py [--repeats 3] [--iterations 300]
+    .venv/bin/python bench/scale.py [--part all|train|search] [--repeats 3] [--iterations 300]
 """
 
 from __future__ import annotations
@@ -127,12 +131,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs of each row (median and range reported)")
     parser.add_argument("--iterations", type=int, default=300, help=f"max_iter of each run (> {2 * WARMUP})")
+    parser.add_argument("--part", choices=["all", "train", "search"], default="all",
+                        help="train: MPI fine-tuning rows; search: Ray search rows (bench/scale_ray.py)")
     args = parser.parse_args(argv)
     code = in_loopback_namespace(sys.argv[1:] if argv is None else argv)
     if code is not None:
         return code
     os.chdir(REPO)  # the net names its LMDBs relative to the repository
     print(machine_line())
+    if args.part in ("all", "train"):
+        train_rows(args)
+    if args.part in ("all", "search"):
+        import scale_ray  # after the training rows: it sets one BLAS thread for this process's workers
+
+        print()
+        scale_ray.main(["--repeats", str(args.repeats)])
+    return 0
+
+
+def train_rows(args) -> None:
+    """The MPI table: every row --repeats times, interleaved."""
     print(threads_line())
     print(f"# LeNet-5, Fashion-MNIST train_lmdb, {args.iterations} iterations a run, rate over iterations "
           f"{WARMUP}..{(args.iterations - 1) // WARMUP * WARMUP}; median (min..max) of {args.repeats} runs")
@@ -151,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
         rate = statistics.median(rates)
         print(f"{row.label:<30}{row.images:>12}{spread(rates):>22}{rate * row.images:>10.0f}"
               f"{rate * row.images / (base * 64):>15.2f}x{spread(walls):>20}")
-    return 0
 
 
 if __name__ == "__main__":
