@@ -157,7 +157,8 @@ def run(net: str, out: Path, imagenet: Path | None = None, weights: Path | None 
         paper_plan: bool = False, jobs: int = 1, progress: bool = True, log=print, **budget) -> dict:
     """Reproduce one of the paper's nets (or its smoke run); returns the `clipq compress` report.
 
-    `budget`: the held-out options of `CompressConfig` (val, search_on, max_drop, rounds, se_margin).
+    `budget`: the held-out options of `CompressConfig` (val, search_on, max_drop, rounds, se_margin) and
+    its Ray executor's (ray, ray_batch).
     The paper searched on a training subset, which stays the default without `val`."""
     train_val, deploy, params, solver = paper_files(net)
     out = Path(out)

@@ -54,6 +54,8 @@ class ZooConfig:
     solver: Path | None = None     # fine-tune with this solver (needs train_val); None: no fine-tuning
     settings: SearchSettings = field(default_factory=SearchSettings)
     jobs: int = 1
+    ray: str | None = None         # the search's Ray executor (see `clipq search --ray`)
+    ray_batch: int | None = None
     max_iter: int | None = None
     inputs: Path | None = None     # .npy (one input) or .npz (one array per input blob); None: random
     batch: int = 16                # inputs per forward pass; the number of random inputs
@@ -251,7 +253,8 @@ def make_plan(config: ZooConfig, deploy: Path, weights: Path, train_val: Path | 
         on_val = config.val is not None and config.search_on != "train"
         log(f"[search] CLIP-Q Bayesian search on {config.val if on_val else config.train_val} ...")
         plan = search.run(train_val, weights, config.out / "search", None, config.settings, config.jobs,
-                          str(config.val) if on_val else None, progress=config.progress, log=log)
+                          str(config.val) if on_val else None, progress=config.progress, log=log, ray=config.ray,
+                          batch=config.ray_batch)
         source = (f"searched (lambda {config.settings.lam:g}, {config.settings.iterations} iterations per layer, "
                   f"error on {'the validation LMDB' if on_val else 'a training subset'})")
     check_plan(deploy_param, plan, str(config.model))
@@ -547,7 +550,7 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`clipq zoo`'s options (also sets the parser's description and epilog)."""
-    from clipq.cli import budget_arguments, nonnegative_float, positive_int, work_dir
+    from clipq.cli import budget_arguments, nonnegative_float, positive_int, ray_arguments, work_dir
 
     parser.description, parser.epilog = DESCRIPTION, EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -578,7 +581,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--iterations", type=positive_int, default=50, help="search evaluations per layer (default 50)")
     train.add_argument("--subset", type=positive_int, default=5000,
                        help="training images per search evaluation (<= 100, or a multiple of 100; default 5000)")
-    train.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1, help="parallel search processes")
+    train.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                       help="parallel search processes, or Ray workers with --ray")
+    ray_arguments(train)
     train.add_argument("--solver", type=Path,
                        help="fine-tune with this solver (needs --train-val); default: no fine-tuning")
     train.add_argument("--max-iter", type=positive_int, help="fine-tuning iterations (default: the solver's max_iter)")
@@ -605,7 +610,8 @@ def config_from_args(args: argparse.Namespace) -> ZooConfig:
                      train_val=args.train_val, solver=args.solver, settings=settings, jobs=args.jobs,
                      max_iter=args.max_iter, inputs=args.inputs, batch=args.batch, seed=args.seed,
                      huffman=args.huffman, progress=not args.no_progress, val=args.val, search_on=args.search_on,
-                     max_drop=args.max_drop, rounds=args.rounds, se_margin=args.se_margin)
+                     max_drop=args.max_drop, rounds=args.rounds, se_margin=args.se_margin, ray=args.ray,
+                     ray_batch=args.ray_batch)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
