@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -73,8 +74,7 @@ def prepare(image: np.ndarray, settings: ImportSettings) -> np.ndarray:
     channels = {"keep": image.shape[0], "gray": 1, "color": 3}[settings.color]
     if settings.resize is None and channels == image.shape[0]:
         return image
-    pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
-    pil = pil.convert("L" if channels == 1 else "RGB")
+    pil = _pil(image).convert("L" if channels == 1 else "RGB")
     if settings.resize is not None:
         height, width = settings.resize
         pil = pil.resize((width, height), Image.BILINEAR)
@@ -86,14 +86,18 @@ def to_datum(image: np.ndarray, label: int, encoded: str | None) -> bytes:
     """A Datum as Caffe's convert_imageset writes it: BGR channel order, raw or encoded bytes."""
     if not encoded:
         return caffe_io.image_to_datum(np.ascontiguousarray(image[::-1]), label)
-    from PIL import Image
-
     buffer = io.BytesIO()
-    Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(
-        buffer, ENCODINGS[encoded], **({"quality": 95} if encoded == "jpg" else {}))
+    _pil(image).save(buffer, ENCODINGS[encoded], **({"quality": 95} if encoded == "jpg" else {}))
     datum = caffe_io.caffe_pb2().Datum(channels=image.shape[0], height=image.shape[1], width=image.shape[2],
                                        data=buffer.getvalue(), label=label, encoded=True)
     return datum.SerializeToString()
+
+
+def _pil(image: np.ndarray):
+    """A (C, H, W) uint8 image as a Pillow image (grey or RGB)."""
+    from PIL import Image
+
+    return Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
 
 
 def write_mean(mean: np.ndarray, path: Path) -> None:
@@ -206,8 +210,6 @@ def _description(source: Source, settings: ImportSettings, shape, counts, splits
 
 
 def _bar(total: int, enabled: bool):
-    import sys
-
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", desc="clipq data", file=sys.stderr, disable=not enabled, dynamic_ncols=True)

@@ -31,7 +31,6 @@ from functools import partial
 from pathlib import Path
 
 from clipq import train
-from clipq.atomic import atomic_write
 from clipq.errors import ClipqError
 from clipq.lock import locked
 from clipq.processes import end_with_parent
@@ -92,7 +91,7 @@ def run(solver: Path, output: Path | None = None, weights: Path | None = None, l
         progress: bool = True, comm=None) -> Path:
     """One rank's part of a data-parallel `clipq train` (every rank of `comm` calls this); returns the final
     caffemodel (`output` when given)."""
-    comm = comm or _world()
+    comm = comm or _mpi().COMM_WORLD
     param = train.read_solver(solver)
     final = train.final_weights(param)
     if comm.rank != 0:
@@ -109,12 +108,11 @@ def run(solver: Path, output: Path | None = None, weights: Path | None = None, l
         if plan is not None:
             with _caffe_log_to(log or Path(f"{param.snapshot_prefix}.log")):
                 fine_tune(solver, comm, *plan, progress=progress)
-            problem = train.caffemodel_problem(final, layers) if final.exists() else f"no {final.name}"
+            problem = train.final_problem(param, layers)
             if problem:
                 raise ClipqError(f"training stopped before max_iter={param.max_iter} ({problem})")
         if output is not None:
-            with atomic_write(output, "wb") as f:
-                f.write(final.read_bytes())
+            train.copy_result(final, output)
     comm.barrier()
     return Path(output) if output is not None else final
 
@@ -125,8 +123,8 @@ def _plan(param, layers: set[str], weights: Path | None) -> tuple[Path | None, P
     if resume:
         print(f"clipq train: resuming from {resume[1]}", file=sys.stderr)
         return resume[1], None
-    if weights is not None and not Path(weights).is_file():
-        raise ClipqError(f"{weights}: weights file not found")
+    if weights is not None:
+        train.require_weights(weights)
     return None, weights
 
 
@@ -153,7 +151,7 @@ def fine_tune(solver_path: Path, comm, snapshot: Path | None = None, weights: Pa
     def average_gradients() -> None:
         for blob in blobs:
             diff = blob.diff
-            comm.Allreduce(_in_place(), diff)
+            comm.Allreduce(_mpi().IN_PLACE, diff)
             diff /= np.float32(comm.size)
 
     solver.add_callback(lambda: None, average_gradients)
@@ -164,7 +162,7 @@ def fine_tune(solver_path: Path, comm, snapshot: Path | None = None, weights: Pa
         solver.step(1)  # one at a time, for the bar: Step's snapshots and display follow the global iteration
         if bar is not None:
             bar.update(1)
-        stopped = comm.allreduce(requests.received, op=_logical_or())  # all stop after the same iteration
+        stopped = comm.allreduce(requests.received, op=_mpi().LOR)  # all stop after the same iteration
     if bar is not None:
         bar.close()
     stopped = stopped and solver.iter < param.max_iter
@@ -194,12 +192,6 @@ class _StopRequests:
         self.received = True
 
 
-def _logical_or():
-    from mpi4py import MPI
-
-    return MPI.LOR
-
-
 def _snapshot_after_train(param, iteration: int) -> bool:
     """Whether `caffe train` (Solver::Solve) writes a last snapshot at `iteration` (Step has not)."""
     return param.snapshot_after_train and (not param.snapshot or iteration % param.snapshot != 0)
@@ -215,12 +207,6 @@ def _unique_blobs(net) -> list:
                 seen.add(address)
                 unique.append(blob)
     return unique
-
-
-def _in_place():
-    from mpi4py import MPI
-
-    return MPI.IN_PLACE
 
 
 class _caffe_log_to:
@@ -246,10 +232,11 @@ class _caffe_log_to:
         sys.stderr = self.saved
 
 
-def _world():
+def _mpi():
+    """mpi4py's MPI module, imported when a rank needs it (importing it initialises MPI)."""
     from mpi4py import MPI
 
-    return MPI.COMM_WORLD
+    return MPI
 
 
 def _abort(comm, message: str) -> None:
@@ -268,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", type=Path)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    comm = _world()
+    comm = _mpi().COMM_WORLD
     # Caffe's log (read by glog when pycaffe loads): every line on rank 0 (to its log file), warnings and
     # errors only on the others.
     os.environ.update(GLOG_logtostderr="1", GLOG_minloglevel="0" if comm.rank == 0 else "1")

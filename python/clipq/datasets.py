@@ -11,6 +11,7 @@ import numpy as np
 
 from clipq.atomic import atomic_dir
 from clipq.errors import ClipqError
+from clipq.image_sources import parse_idx
 
 DEBIAN_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 SPLITS = {  # split -> (image file, label file, expected count)
@@ -58,11 +59,7 @@ def read_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> np.ndarray:
         raise ClipqError(f"{path}: IDX magic is {header[0]}, expected {magic}")
     if tuple(header[2:]) != item_shape:
         raise ClipqError(f"{path}: items have shape {tuple(header[2:])}, expected {item_shape}")
-    count = int(header[1])
-    expected_len = header_len + count * int(np.prod(item_shape, dtype=np.int64))
-    if len(raw) != expected_len:
-        raise ClipqError(f"{path}: {len(raw)} bytes, header promises {expected_len} (corrupt or truncated)")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape((count,) + item_shape)
+    return parse_idx(raw, path)
 
 
 def load_split(source: Path, split: str, check_count: bool = True) -> Split:

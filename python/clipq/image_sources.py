@@ -168,13 +168,22 @@ def read_idx(path: Path) -> np.ndarray:
             raw = gzip.decompress(raw)
     except (OSError, EOFError) as e:
         raise ClipqError(f"{path}: cannot read ({e})") from None
+    return parse_idx(raw, path)
+
+
+def parse_idx(raw: bytes, path) -> np.ndarray:
+    """The array of an IDX file's bytes (unsigned bytes; big-endian header: magic 0x0008 + ndim, the dims),
+    the header checked against the payload; errors name `path`."""
     if len(raw) < 4 or raw[:3] != b"\0\0\x08":
         raise ClipqError(f"{path}: not an IDX file of unsigned bytes (magic 0x0008..)")
     ndim = raw[3]
     header = 4 + 4 * ndim
-    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4")) if len(raw) >= header else ()
-    if len(dims) != ndim or len(raw) != header + int(np.prod(dims, dtype=np.int64)):
-        raise ClipqError(f"{path}: {len(raw)} bytes do not match its IDX header {dims} (corrupt or truncated)")
+    if len(raw) < header:
+        raise ClipqError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        raise ClipqError(f"{path}: {len(raw)} bytes, header promises {expected} (corrupt or truncated)")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 

@@ -16,7 +16,6 @@ Ray is imported only here, and only when asked for.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import secrets
@@ -169,10 +168,7 @@ def run(job: SearchJob, layers: list[tuple[int, str]], address: str, workers: in
     holding a SubsetEvaluator of the job (or `make()`), resuming from and appending to the job's logs."""
     from tqdm import tqdm
 
-    from clipq.subset_eval import SubsetEvaluator
-
-    make = make or functools.partial(SubsetEvaluator, job.eval_prototxt, job.weights, job.accuracy_blob,
-                                     job.settings.subset)
+    make = make or job.make_evaluator
     with connected(address, workers), contextlib.ExitStack() as stack:
         import ray
 

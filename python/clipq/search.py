@@ -293,14 +293,18 @@ class SearchJob:
     data: str  # the LMDB the subset is drawn from
     all_layers: tuple[str, ...]  # every compressible layer of the net, in order
 
+    def make_evaluator(self):
+        """The job's SubsetEvaluator: (layer, p, bits) -> (error %, benefit), built once per worker."""
+        from clipq.subset_eval import SubsetEvaluator
+
+        return SubsetEvaluator(self.eval_prototxt, self.weights, self.accuracy_blob, self.settings.subset)
+
 
 def _worker(job: SearchJob, layers: list[tuple[int, str]], parent: int) -> None:
-    from clipq.subset_eval import SubsetEvaluator
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     end_with_parent(signal.SIGTERM, parent)
 
-    evaluate = SubsetEvaluator(job.eval_prototxt, job.weights, job.accuracy_blob, job.settings.subset)
+    evaluate = job.make_evaluator()
     for index, layer in layers:
         search_layer(layer, index, evaluate, job.settings, Path(job.out), job.model_id, job.data)
 

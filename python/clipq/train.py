@@ -173,9 +173,26 @@ def train(solver: Path, output: Path | None = None, weights: Path | None = None,
             _run_caffe(solver, param, weights, log or Path(f"{param.snapshot_prefix}.log"), progress, layers)
         if output is None:
             return final
-        with atomic_write(output, "wb") as f:
-            f.write(final.read_bytes())
+        copy_result(final, output)
     return Path(output)
+
+
+def copy_result(final: Path, output: Path) -> None:
+    """The final caffemodel copied to `output`, atomically."""
+    with atomic_write(output, "wb") as f:
+        f.write(final.read_bytes())
+
+
+def require_weights(weights: Path) -> None:
+    """--weights must be a file (checked before Caffe, which would abort)."""
+    if not Path(weights).is_file():
+        raise ClipqError(f"{weights}: weights file not found")
+
+
+def final_problem(param, layers: set[str]) -> str | None:
+    """Why training did not produce a whole final caffemodel (None if it did)."""
+    final = final_weights(param)
+    return caffemodel_problem(final, layers) if final.exists() else f"no {final.name}"
 
 
 def finished(final: Path, layers: set[str]) -> bool:
@@ -195,8 +212,7 @@ def _run_caffe(solver: Path, param, weights: Path | None, log: Path, progress: b
         cmd += ["--snapshot", str(resume[1])]
         print(f"clipq train: resuming {solver} from {resume[1]}", file=sys.stderr)
     elif weights:
-        if not Path(weights).is_file():
-            raise ClipqError(f"{weights}: weights file not found")
+        require_weights(weights)
         cmd += ["--weights", str(weights)]
     bar = progress_bar(param.max_iter, start, str(solver), progress)
     tail: deque[str] = deque(maxlen=25)
@@ -224,8 +240,7 @@ def _run_caffe(solver: Path, param, weights: Path | None, log: Path, progress: b
                 bar.close()
     if code != 0:
         raise ClipqError(f"caffe train --solver {solver} failed (exit {code}); log: {log}\n" + "".join(tail))
-    final = final_weights(param)
-    problem = caffemodel_problem(final, layers) if final.exists() else f"no {final.name}"
+    problem = final_problem(param, layers)
     if problem:
         raise ClipqError(f"caffe train stopped before max_iter={param.max_iter} ({problem}); rerun to resume "
                          f"(log: {log})")
