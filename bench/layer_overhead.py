@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Per-iteration cost of CLIP-Q layers over plain Caffe layers, measured in the same run.
 
-For each net, the same solver steps (forward + backward + SGD update, pycaffe `solver.step(1)`) on a
-plain Caffe net and on its `clipq convert` version; prints median milliseconds and the ratio. Then the
-pruning-quantization operator alone on an fc6-sized array against a copy and an np.partition of it.
+For each net, solver steps (forward + backward + SGD update, pycaffe `solver.step(1)`) on a plain Caffe
+net and on its `clipq convert` version, interleaved: each repetition times a few steps of one right after
+the other, so a load that comes and goes on the machine hits both. Prints the medians, the median of the
+per-repetition ratios and their spread, and the goal of issue 15. Then the pruning-quantization operator
+alone (called as the layer calls it) on an fc6-sized array, interleaved with a copy of it.
 
-    .venv/bin/python bench/layer_overhead.py [--repeats 10]
+    .venv/bin/python bench/layer_overhead.py [--repeats 7] [--steps 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -62,38 +65,52 @@ layer {{ name: "data" type: "DummyData" top: "data" top: "label"
     return head + "\n".join(f"layer {{\n{layer}}}" for layer in body.layer) + tail
 
 
-def step_ms(net_text: str, repeats: int, workdir: Path) -> float:
-    """Median wall time of solver.step(1) (forward + backward + update) after 2 warm-up steps."""
+def make_solver(net_text: str, workdir: Path, tag: str):
+    """A pycaffe SGD solver on net_text (CPU), warmed up by 2 steps."""
     cf = caffe_io.caffe()
-    net_path, solver_path = workdir / "net.prototxt", workdir / "solver.prototxt"
+    net_path, solver_path = workdir / f"{tag}_net.prototxt", workdir / f"{tag}_solver.prototxt"
     net_path.write_text(net_text)
     solver_path.write_text(f'net: "{net_path}"\nbase_lr: 0.001\nmomentum: 0.9\nweight_decay: 0.0005\n'
-                           'lr_policy: "fixed"\nmax_iter: 100000\nsnapshot_after_train: false\nsolver_mode: CPU\n')
+                           'lr_policy: "fixed"\nmax_iter: 100000000\nsnapshot_after_train: false\nsolver_mode: CPU\n')
     solver = cf.SGDSolver(str(solver_path))
     solver.step(2)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        solver.step(1)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return solver
+
+
+def seconds(fn, calls: int) -> float:
+    """Wall time per call of `calls` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved(reference, candidate, repeats: int, calls: int) -> tuple[list[float], list[float]]:
+    """Per repetition, the reference's and the candidate's time per call, measured one right after the
+    other (so both see the same machine load); the order alternates between repetitions."""
+    ref, cand = [], []
+    for rep in range(repeats):
+        if rep % 2:
+            cand.append(seconds(candidate, calls))
+            ref.append(seconds(reference, calls))
+        else:
+            ref.append(seconds(reference, calls))
+            cand.append(seconds(candidate, calls))
+    return ref, cand
+
+
+def row(name: str, ref: list[float], cand: list[float], goal: float, unit_ms: bool = True) -> str:
+    """Medians, the median per-repetition ratio, its spread (min .. max) and the goal."""
+    ratios = sorted(c / r for r, c in zip(ref, cand))
+    return (f"{name:<26}{1000 * statistics.median(ref):>10.1f}{1000 * statistics.median(cand):>10.1f}"
+            f"{statistics.median(ratios):>8.2f}x  {ratios[0]:.2f} .. {ratios[-1]:.2f}{goal:>8.2f}x"
+            f"{'  met' if statistics.median(ratios) <= goal else '  NOT met':>9}")
 
 
 def clipq_version(net_text: str, plan: dict, workdir: Path) -> str:
     path = workdir / "plain.prototxt"
     path.write_text(net_text)
     return str(convert.to_clipq(caffe_io.read_net_param(path), plan))
-
-
-def median_ms(fn, repeats: int) -> float:
-    """Median wall time in ms after one untimed warm-up run (JIT compilation, page cache)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def machine_line() -> str:
@@ -110,32 +127,52 @@ def machine_line() -> str:
             f"({numba.get_num_threads()} threads)")
 
 
+def thread_line() -> str:
+    import numba
+
+    env = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+                    if k in os.environ) or "no thread variables set"
+    return (f"# threads: numba {numba.get_num_threads()} (the operator), Caffe's BLAS as built ({env}); "
+            f"load average at start {os.getloadavg()[0]:.2f}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per net (median reported)")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved repetitions per row (>= 5)")
+    parser.add_argument("--steps", type=int, default=5, help="solver steps (or operator calls) per repetition")
     args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5 (a median and a spread need them)")
     print(machine_line())
-    print(f"# median of {args.repeats} solver steps after 2 warm-up; goal = the issue's bound on the ratio")
-    print(f"{'net':<28}{'caffe ms':>10}{'clipq ms':>10}{'ratio':>8}{'goal':>7}")
-    cases = [("LeNet-5, batch 64", lenet5(64), LENET5, 2.0),
-             ("fc6+fc7, batch 32", fc_block(32), ALEXNET_FC, 2.0),
-             ("fc6+fc7, batch 256", fc_block(256), ALEXNET_FC, 1.3)]
+    print(thread_line())
+    print(f"# {args.repeats} repetitions of {args.steps} solver steps (forward + backward + update) per net, "
+          "plain Caffe and CLIP-Q interleaved; ratio = median of the per-repetition ratios, spread = their "
+          "min .. max")
+    print(f"{'net':<26}{'caffe ms':>10}{'clipq ms':>10}{'ratio':>9}  {'spread':<12}{'goal':>7}")
+    cases = [("LeNet-5, batch 64", lenet5(64), LENET5, 1.5),
+             ("fc6+fc7, batch 32", fc_block(32), ALEXNET_FC, 1.6),
+             ("fc6+fc7, batch 256", fc_block(256), ALEXNET_FC, 1.25)]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for name, text, plan, goal in cases:
-            plain = step_ms(text, args.repeats, workdir)
-            ours = step_ms(clipq_version(text, plan, workdir), args.repeats, workdir)
-            print(f"{name:<28}{plain:>10.1f}{ours:>10.1f}{ours / plain:>7.2f}x{goal:>6.1f}x")
+            plain = make_solver(text, workdir, "plain")
+            ours = make_solver(clipq_version(text, plan, workdir), workdir, "clipq")
+            ref, cand = interleaved(lambda: plain.step(1), lambda: ours.step(1), args.repeats, args.steps)
+            print(row(name, ref, cand, goal), flush=True)
+            del plain, ours
 
     w = np.random.default_rng(0).normal(0, 0.005, 4096 * 9216).astype(np.float32)
     out = np.empty_like(w)
-    copy_ms = median_ms(lambda: np.copyto(out, w), args.repeats)
-    partition_ms = median_ms(lambda: np.partition(w, w.size // 2), max(3, args.repeats // 3))
-    op_ms = median_ms(lambda: prune_quant.clip_quantize(w, 0.96, 3, out=out), args.repeats)
-    print("\n# operator alone on fc6's 37.7M weights (p 0.96, b 3)")
-    print(f"{'copy (np.copyto)':<28}{copy_ms:>10.1f} ms")
-    print(f"{'np.partition':<28}{partition_ms:>10.1f} ms {partition_ms / copy_ms:>6.1f}x copy")
-    print(f"{'clip_quantize':<28}{op_ms:>10.1f} ms {op_ms / copy_ms:>6.1f}x copy")
+    last = [prune_quant.clip_quantize(w, 0.96, 3, out=out)]
+
+    def operator():  # as the layer calls it: the previous result brackets the selection
+        last[0] = prune_quant.clip_quantize(w, 0.96, 3, out=out, previous=last[0])
+
+    print(f"\n# operator alone on fc6's 37.7M weights (p 0.96, b 3), {args.repeats} x {args.steps} calls "
+          "interleaved with as many copies")
+    print(f"{'':<26}{'copy ms':>10}{'op ms':>10}{'ratio':>9}  {'spread':<12}{'goal':>7}")
+    ref, cand = interleaved(lambda: np.copyto(out, w), operator, args.repeats, args.steps)
+    print(row("clip_quantize vs np.copyto", ref, cand, 4.0))
     return 0
 
 

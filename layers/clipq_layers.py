@@ -7,9 +7,12 @@
 
 (`clipq convert` writes these from a plain prototxt and a (p, b) plan; `clipq compare` writes the
 baselines'.) Every layer wraps Caffe's own Convolution / InnerProduct: each forward computes the weights
-the method uses from the layer's blobs and runs Caffe's layer with them; backward runs Caffe's backward
-and hands the weight gradient to the method, which adds it (as Caffe's layers do) to its learnable blob.
-The bias is never compressed.
+the method uses from the layer's blobs into the inner Caffe layer's weight blob and runs that layer;
+backward runs Caffe's backward. The inner layer shares (pycaffe patch: Blob.share_data / share_diff) the
+outer layer's bottom, top and bias blobs, so activations, their gradients and the bias are never copied;
+for a straight-through method (CLIP-Q, DNS) it also writes its weight gradient straight into the
+learnable blob's diff, where Caffe's layers accumulate it. The other methods get the gradient through
+`weight_gradient`. The bias is never compressed.
 
 | kind     | blobs                                   | forward weights        | learnable weights' gradient          |
 |----------|-----------------------------------------|------------------------|--------------------------------------|
@@ -38,6 +41,9 @@ class _WrappedLayer(caffe.Layer):
     WRAPPED_TYPE = ""
     KIND = ""
     OPTIONS: tuple[str, ...] = ()
+    # The learnable weights take the forward weights' gradient unchanged: Caffe's layer adds it straight
+    # into the learnable blob's diff (the solver clears it every iteration), no `weight_gradient`.
+    STRAIGHT_THROUGH = False
 
     def setup(self, bottom, top):
         from google.protobuf import json_format
@@ -71,18 +77,22 @@ class _WrappedLayer(caffe.Layer):
         top[0].reshape(*self.inner.reshape(bottom[0].data.shape))
 
     def forward(self, bottom, top):
-        weights = self.inner.params
-        self.forward_weights(weights[0].data)
-        if len(weights) > 1:
-            weights[1].data[...] = self.blobs[1].data  # the bias is not compressed
-        top[0].data[...] = self.inner.forward(bottom[0].data)
+        self.inner.attach(bottom[0], top[0])
+        params = self.inner.params
+        if len(params) > 1:  # the bias is not compressed: Caffe's layer uses and trains the blob itself
+            params[1].share_data(self.blobs[1])
+            params[1].share_diff(self.blobs[1])
+        if self.STRAIGHT_THROUGH:
+            params[0].share_diff(self.blobs[0])
+        self.forward_weights(params[0].data)
+        self.inner.forward()
 
     def forward_weights(self, out: np.ndarray) -> None:
         raise NotImplementedError
 
     def weight_gradient(self, grad: np.ndarray) -> None:
-        """Add the gradient of the forward weights to the learnable blob, and clear `grad` (the inner
-        blob's diff: Caffe's backward accumulates into it)."""
+        """Add what the forward weights' gradient `grad` (the inner blob's diff) gives the learnable
+        blobs, and clear `grad` (Caffe's backward accumulates into it)."""
         raise NotImplementedError
 
     def backward(self, top, propagate_down, bottom):
@@ -92,29 +102,28 @@ class _WrappedLayer(caffe.Layer):
             next_inner = self._inner_net(bottom[0].data.shape, input_grad=False)
         else:
             next_inner = None
-        dx = self.inner.backward(top[0].diff)
-        params = self.inner.params
-        self.weight_gradient(params[0].diff)
-        if len(params) > 1:
-            add_and_clear(self.blobs[1].diff, params[1].diff)
-        if propagate_down[0]:
-            bottom[0].diff[...] = dx
+        self.inner.backward()
+        if not self.STRAIGHT_THROUGH:
+            self.weight_gradient(self.inner.params[0].diff)
         if next_inner is not None:
             self.inner = next_inner
 
 
 class _ClipQ(_WrappedLayer):
     KIND = "CLIP-Q"
+    STRAIGHT_THROUGH = True  # pruned weights may come back
 
     def parse(self, text: str) -> None:
         self.cfg = LayerConfig.from_param_str(text, self.WRAPPED_TYPE)
+        self.last = None  # the operator's last result
         self.wrapped = WrappedParam(self.cfg.type, self.cfg.param, self.cfg.name)
 
     def forward_weights(self, out):
-        prune_quant.clip_quantize(self.blobs[0].data, self.cfg.p, self.cfg.bits, out=out)
+        # the last result brackets this step's selection (fine-tuning moves the clips little) and lends
+        # its codes buffer
+        self.last = prune_quant.clip_quantize(self.blobs[0].data, self.cfg.p, self.cfg.bits, out=out,
+                                              previous=self.last)
 
-    def weight_gradient(self, grad):
-        add_and_clear(self.blobs[0].diff, grad)  # straight-through: pruned weights may come back
 
 
 class _Masked(_WrappedLayer):
@@ -151,6 +160,7 @@ class _Shared(_WrappedLayer):
 
 class _Surgery(_WrappedLayer):
     KIND = "Surgery"
+    STRAIGHT_THROUGH = True  # every weight learns: a pruned one can be spliced back
     OPTIONS = ("c_rate", "iter_stop", "gamma", "power", "seed")
 
     def initial_blobs(self, inner):
@@ -170,9 +180,6 @@ class _Surgery(_WrappedLayer):
                 mask[...] = surgery.update_mask(self.blobs[0].data, mask, t)
             state[0] = iteration + 1
         np.multiply(self.blobs[0].data, mask, out=out)
-
-    def weight_gradient(self, grad):
-        add_and_clear(self.blobs[0].diff, grad)  # every weight learns: a pruned one can be spliced back
 
 
 class _LC(_WrappedLayer):

@@ -62,3 +62,24 @@ def test_binary_prototxt_is_refused_without_quoting_its_bytes(tmp_path):
     binary.write_bytes(b"\x08\x96\x01\xff\x00")
     with pytest.raises(ClipqError, match="weights.prototxt: not a valid Caffe net prototxt: binary data"):
         caffe_io.read_net_param(binary)
+
+
+def test_the_pycaffe_patch_shares_blob_memory_and_refuses_a_size_mismatch():
+    inner = caffe_io.SingleLayerNet("InnerProduct", "inner_product_param",
+                                    _ip_param(3), (2, 4), caffe_io.caffe().TRAIN)
+    other = caffe_io.SingleLayerNet("InnerProduct", "inner_product_param",
+                                    _ip_param(3), (2, 4), caffe_io.caffe().TRAIN)
+    mine, theirs = inner.params[0], other.params[0]
+    mine.share_data(theirs)
+    mine.share_diff(theirs)
+    theirs.data[...] = 7
+    theirs.diff[...] = 5
+    assert (mine.data == 7).all() and (mine.diff == 5).all()
+    with pytest.raises(ValueError, match="12 elements with one of 3"):
+        mine.share_data(inner.params[1])
+
+
+def _ip_param(outputs: int):
+    param = caffe_io.caffe_pb2().LayerParameter().inner_product_param
+    param.num_output = outputs
+    return param

@@ -171,3 +171,43 @@ def test_a_first_layer_gets_the_same_weight_gradient_every_iteration(tmp_path):
         for mine, theirs in zip(clipq_net.params["layer"], plain_net.params["layer"]):
             np.testing.assert_allclose(mine.diff, theirs.diff, rtol=1e-5, atol=1e-6)
             assert np.abs(mine.diff).max() > 0
+
+
+@pytest.mark.parametrize("kind,param", [("Convolution", CONV), ("InnerProduct", IP)])
+def test_a_larger_batch_after_a_step_still_equals_caffe(tmp_path, kind, param):
+    """The inner layer works on the outer blobs' memory: a batch that grows reallocates them."""
+    clipq_net, plain_net = net_pair(tmp_path, kind, param, p=0.3, bits=3)
+    rng = np.random.default_rng(1)
+    for batch in (SHAPES[kind][0], 3 * SHAPES[kind][0]):
+        shape = (batch,) + SHAPES[kind][1:]
+        for net in (clipq_net, plain_net):
+            net.blobs["x"].reshape(*shape)
+            net.reshape()
+        w, b = (blob.data for blob in clipq_net.params["layer"])
+        plain_net.params["layer"][0].data[...] = clip_quantize(w, 0.3, 3).weights
+        plain_net.params["layer"][1].data[...] = b
+        x = rng.normal(size=shape).astype(np.float32)
+        dy = rng.normal(size=clipq_net.blobs["y"].data.shape).astype(np.float32)
+        (y1, dx1, dp1), (y2, dx2, dp2) = run(clipq_net, x, dy), run(plain_net, x, dy)
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_array_equal(dx1, dx2)
+        for mine, theirs in zip(dp1, dp2):
+            np.testing.assert_array_equal(mine, theirs)
+
+
+def test_gradients_accumulate_into_the_weights_diff_like_caffes(tmp_path):
+    """Caffe's layers add to the param diff (iter_size > 1 relies on it): two backward passes without
+    clearing give twice one pass, as the plain layer does."""
+    clipq_net, plain_net = net_pair(tmp_path, "InnerProduct", IP, p=0.3, bits=3)
+    w, b = (blob.data for blob in clipq_net.params["layer"])
+    plain_net.params["layer"][0].data[...] = clip_quantize(w, 0.3, 3).weights
+    plain_net.params["layer"][1].data[...] = b
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=SHAPES["InnerProduct"]).astype(np.float32)
+    dy = rng.normal(size=clipq_net.blobs["y"].data.shape).astype(np.float32)
+    for net in (clipq_net, plain_net):
+        run(net, x, dy)
+        net.backward()  # again, diffs not cleared
+    for mine, theirs in zip(clipq_net.params["layer"], plain_net.params["layer"]):
+        np.testing.assert_allclose(mine.diff, theirs.diff, rtol=1e-6)
+        assert np.abs(mine.diff).max() > 0

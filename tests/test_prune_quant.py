@@ -138,6 +138,13 @@ def test_nan_weights_are_rejected_by_both_implementations():
         clip_quantize(w[100:200], 0.5, 3)
 
 
+def assert_identical(fast, ref):
+    assert np.array_equal(ref.codes, fast.codes)
+    assert ref.clips == fast.clips
+    assert np.array_equal(fast.codebook.view(np.uint32), ref.codebook.view(np.uint32))  # bit for bit
+    assert np.array_equal(fast.weights, np.concatenate([[0], fast.codebook])[fast.codes])
+
+
 @pytest.mark.parametrize("threads", ["serial", "parallel"])
 @pytest.mark.parametrize("use_sample", [True, False], ids=["sampled-bracket", "radix-fallback"])
 @pytest.mark.parametrize("p,bits", [(0.0, 8), (0.3, 3), (0.96, 3), (0.5, 1), (0.99, 2), (0.2, 8)])
@@ -146,12 +153,28 @@ def test_kernel_equals_reference_with_ties_and_zeros(p, bits, use_sample, thread
     w = random_weights(300_001, seed=9)
     w[::7] = w[3]  # many exact ties, on both the pruned and the kept side
     w[5::11] = 0
-    ref = clip_quantize_reference(w, p, bits)
-    fast = _kernels.clip_quantize(w, p, bits, use_sample=use_sample)
-    assert np.array_equal(ref.codes, fast.codes)
-    assert ref.clips == fast.clips
-    np.testing.assert_allclose(fast.codebook, ref.codebook, rtol=1e-6)
-    assert np.array_equal(fast.weights, np.concatenate([[0], fast.codebook])[fast.codes])
+    assert_identical(_kernels.clip_quantize(w, p, bits, use_sample=use_sample), clip_quantize_reference(w, p, bits))
+
+
+@pytest.mark.parametrize("step", [1e-6, 1e-3, 1.0], ids=["fine-tuning-step", "large-step", "other-weights"])
+@pytest.mark.parametrize("p,bits", [(0.96, 3), (0.5, 4), (0.0, 2)])
+def test_kernel_bracketed_by_the_previous_clips_equals_reference(p, bits, step, monkeypatch):
+    monkeypatch.setattr(_kernels, "PARALLEL_MIN", 1)
+    w = random_weights(300_001, seed=3)
+    previous = _kernels.clip_quantize(w, p, bits)
+    w2 = (w + step * random_weights(w.size, seed=4)).astype(np.float32)
+    ref = clip_quantize_reference(w2, p, bits)
+    fast = _kernels.clip_quantize(w2, p, bits, previous=previous)
+    assert fast.codes is not None and np.shares_memory(fast.codes, previous.codes)  # the buffer is reused
+    assert_identical(fast, ref)
+
+
+def test_level_means_are_exact_whatever_the_order_of_the_members():
+    w = np.array([1e30, 1.0, -1e30, 3.0] * 2, np.float32)  # float64 sums in blob order lose the small ones
+    part = prune_quant.make_partition(1, -1e30, 1e30, 0.0, 0.0, True, True)  # one spanning interval
+    keep = np.ones(w.size, bool)
+    levels = [quantize_with(order, keep, part, 1).codebook[0] for order in (w, w[::-1], np.sort(w))]
+    assert levels == [np.float32(1.0)] * 3
 
 
 def test_add_and_clear_moves_a_gradient_in_parallel_chunks(monkeypatch):

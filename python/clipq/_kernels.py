@@ -1,17 +1,21 @@
 """numba kernels: the O(n) operator behind `prune_quant.clip_quantize`, and the layers' gradient hand-off.
 
-Same results as `prune_quant.clip_quantize_reference`, bit for bit in the codes and clips.
+Same results as `prune_quant.clip_quantize_reference`, bit for bit: codes, clips and codebook (level
+sums are exact integer sums of mantissas per exponent, so their order does not matter).
 
 Selection is exact and sort-free. For non-zero float32 values the bit pattern without the sign bit
-orders like the magnitude, so everything works on those integers:
+orders like the magnitude, so everything works on those integers. Three passes over the weights:
 
-1. *Scan* (one pass): per sign, count the weights and those below a bracket [lo, hi] that a random
-   sample of 65536 weights says holds the k-th smallest magnitude, and copy the few weights inside the
-   bracket (value, index). The k-th smallest is then found among them exactly, ties in blob order.
-   If the bracket misses (a sample can mislead, e.g. with huge blocks of equal weights), an exact
-   two-pass radix selection (histograms of the high, then the low 16 bits) takes over.
-2. *Codes* (one pass): pruned or interval index per weight, and per-interval sums for the levels.
-3. *Output* (one pass): quantized weight = codebook[code].
+1. *Scan*: per sign, count the weights and those below a bracket [lo, hi] that very likely holds the
+   k-th smallest magnitude, find the extrema, and copy the few weights inside the bracket (value,
+   index); the k-th smallest is then found among them exactly, ties in blob order. The chunk is read
+   from memory once: each block of SCAN_BLOCK weights is counted, searched for extrema and gathered
+   while it is in cache. The bracket is the previous call's clips +- NEAR_ULPS (fine-tuning moves them
+   little per iteration), else a random sample's quantile +- 5 sigma. If the bracket misses, the next
+   one is tried, and last an exact two-pass radix selection (histograms of the high, then the low 16
+   bits).
+2. *Codes*: pruned or interval index per weight, and per-interval mantissa sums for the levels.
+3. *Output*: quantized weight = codebook[code].
 
 Work is split into fixed chunks whose partial results are combined in chunk order, so results do not
 depend on thread scheduling.
@@ -19,11 +23,13 @@ depend on thread scheduling.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numba
 import numpy as np
 from numba import njit, prange
 
-from clipq.prune_quant import Quantized, level_means, make_partition, pruned_count
+from clipq.prune_quant import EXPONENTS, Quantized, level_means, make_partition, pruned_count
 
 ABS_MASK = np.uint32(0x7FFFFFFF)
 INF_BITS = np.uint32(0x7F800000)
@@ -33,7 +39,9 @@ SAMPLE = 1 << 16
 GATHER_BLOCK = 64
 PARALLEL_MIN = 1 << 20  # below this many weights, threads cost more than they save (they contend with BLAS's)
 MOSTLY_PRUNED = 0.8  # from this pruned fraction on, the code pass branches over pruned weights (faster)
-LANES = 4  # independent accumulators per interval, to break add-latency chains
+LANES = 4  # independent accumulators per interval in the dense code pass, to break add-latency chains
+SCAN_BLOCK = 8192  # weights read from memory once per scan, then counted, searched and gathered in cache
+NEAR_ULPS = 1 << 14  # the previous clips' bracket: +- 2**14 units in the last place, +-0.2..0.4 %
 HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16
 
 
@@ -41,23 +49,23 @@ HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16
 # loop over a whole slice, but not one over an index range of a bigger array (measured: 6x slower).
 
 @njit(cache=True)
-def _count_chunk(bits, lo_pos, lo_neg, stats):
-    """Non-zero, negative, and below-the-bracket counts per sign (vectorizes: no stores, no branches)."""
-    nonzero = negative = below_pos = below_neg = 0
+def _count_block(bits, lo_pos, lo_neg):
+    """Non-zero, negative, and below-the-bracket counts per sign of a block of at most 65535 weights.
+    Vectorizes: no stores, no branches, and the four counts travel as 16-bit fields of two words
+    (lo >= 1, so "0 < |w| < lo" is one unsigned comparison after a shift)."""
+    one, first_neg = np.uint32(1), np.uint32(0x80000001)
+    lo_pos1, lo_neg1 = np.uint32(lo_pos - one), np.uint32(lo_neg - one)
+    signs = bracket = np.uint32(0)
     for i in range(bits.size):
         u = bits[i]
-        a = u & ABS_MASK
-        neg = u > SIGN_BIT
-        pos = (u > 0) & (u < SIGN_BIT)
-        nonzero += pos | neg
-        negative += neg
-        below_pos += pos & (a < lo_pos)
-        below_neg += neg & (a < lo_neg)
-    stats[0], stats[1], stats[2], stats[3] = nonzero, negative, below_pos, below_neg
+        signs += np.uint32((u & ABS_MASK) != 0) | (np.uint32(u > SIGN_BIT) << np.uint32(16))
+        bracket += np.uint32(np.uint32(u - one) < lo_pos1) | (np.uint32(np.uint32(u - first_neg) < lo_neg1) << np.uint32(16))
+    low = np.uint32(0xFFFF)
+    return int(signs & low), int(signs >> np.uint32(16)), int(bracket & low), int(bracket >> np.uint32(16))
 
 
 @njit(cache=True)
-def _extrema_chunk(bits, stats):
+def _extrema_block(bits):
     """Largest positive and largest overall bit patterns: the largest weight, the most negative one, and
     (>= the infinity pattern) NaN or Inf. Separate from the counts: together they do not vectorize."""
     top_pos = top_all = np.uint32(0)
@@ -65,23 +73,31 @@ def _extrema_chunk(bits, stats):
         u = bits[i]
         top_pos = max(top_pos, u if u < SIGN_BIT else np.uint32(0))
         top_all = max(top_all, u)
-    stats[4], stats[5] = top_pos, top_all
+    return top_pos, top_all
 
 
 @njit(cache=True)
-def _gather_chunk(bits, lo_pos, hi_pos, lo_neg, hi_neg, lo_any, span, offset, cand_bits, cand_idx):
-    """Copy the weights whose magnitude is inside the bracket of their sign (bit pattern, blob index);
-    return how many there are. Blocks of 64 are first tested (vectorized) against the union of both
-    brackets: few blocks hit. Inside a block, no branch on the (random) sign."""
-    cap = cand_bits.size
-    n = 0
-    for start in range(0, bits.size, GATHER_BLOCK):
+def _gather_block(bits, lo_pos, hi_pos, lo_neg, hi_neg, lo_any, span, offset, cand_bits, cand_idx, n):
+    """Append the weights whose magnitude is inside the bracket of their sign (bit pattern, blob index)
+    at position n; return the new n (past the capacity it only counts). Groups of 64 are first tested
+    (vectorized) against the union of both brackets: few groups hit; a hit group is copied without
+    branches (every weight is written, the position moves on for those inside)."""
+    cap = cand_bits.size - GATHER_BLOCK  # room for one whole group past cap
+    groups = bits.size // GATHER_BLOCK
+    for g in range(groups + 1):
+        start = g * GATHER_BLOCK
         stop = min(start + GATHER_BLOCK, bits.size)
-        hits = 0
-        for i in range(start, stop):
-            a = bits[i] & ABS_MASK
-            hits += np.uint32(a - lo_any) <= span  # wraps below lo_any: no hit
+        hits = np.uint32(0)
+        if g < groups:  # a fixed trip count: this test vectorizes (the general loop does not, 4x slower)
+            for j in range(GATHER_BLOCK):
+                hits |= np.uint32(np.uint32((bits[start + j] & ABS_MASK) - lo_any) <= span)  # wraps below lo_any
+        else:
+            for i in range(start, stop):
+                hits |= np.uint32(np.uint32((bits[i] & ABS_MASK) - lo_any) <= span)
         if hits == 0:
+            continue
+        if n > cap:
+            n += 1  # full: the scan only reports an overflow
             continue
         for i in range(start, stop):
             u = bits[i]
@@ -89,29 +105,39 @@ def _gather_chunk(bits, lo_pos, hi_pos, lo_neg, hi_neg, lo_any, span, offset, ca
             neg = u >= SIGN_BIT
             lo_s = lo_neg if neg else lo_pos
             hi_s = hi_neg if neg else hi_pos
-            if (a != 0) & (a >= lo_s) & (a <= hi_s):
-                if n < cap:
-                    cand_bits[n], cand_idx[n] = u, offset + i
-                n += 1
+            cand_bits[n], cand_idx[n] = u, offset + i
+            n += (a != 0) & (a >= lo_s) & (a <= hi_s)
     return n
 
 
 @njit(cache=True)
-def _scan_one(chunk, lo, hi, lo_any, span, cand_bits, cand_idx, stats, offset=0):
-    _count_chunk(chunk, lo[0], lo[1], stats)
-    _extrema_chunk(chunk, stats)
-    return _gather_chunk(chunk, lo[0], hi[0], lo[1], hi[1], lo_any, span, offset, cand_bits, cand_idx)
+def _scan_chunk(bits, lo, hi, lo_any, span, offset, cand_bits, cand_idx, stats):
+    """stats = [nonzero, negative, below+, below-, top+ bits, top bits, candidates] of one chunk."""
+    nonzero = negative = below_pos = below_neg = candidates = 0
+    top_pos = top_all = np.uint32(0)
+    for start in range(0, bits.size, SCAN_BLOCK):
+        block = bits[start:start + SCAN_BLOCK]
+        counts = _count_block(block, lo[0], lo[1])
+        nonzero += counts[0]
+        negative += counts[1]
+        below_pos += counts[2]
+        below_neg += counts[3]
+        block_pos, block_all = _extrema_block(block)
+        top_pos, top_all = max(top_pos, block_pos), max(top_all, block_all)
+        candidates = _gather_block(block, lo[0], hi[0], lo[1], hi[1], lo_any, span, offset + start,
+                                   cand_bits, cand_idx, candidates)
+    stats[0], stats[1], stats[2], stats[3] = nonzero, negative, below_pos, below_neg
+    stats[4], stats[5], stats[6] = top_pos, top_all, candidates
 
 
 @njit(parallel=True, cache=True)
 def _scan(bits, bounds, lo, hi, lo_any, span, cand_bits, cand_idx, stats):
-    """stats[c] = [nonzero, negative, below+, below-, top+ bits, top bits, candidates]."""
     if bounds.size == 2:  # one chunk: no thread launch (it costs more than small work)
-        stats[0, 6] = _scan_one(bits, lo, hi, lo_any, span, cand_bits[0], cand_idx[0], stats[0])
+        _scan_chunk(bits, lo, hi, lo_any, span, 0, cand_bits[0], cand_idx[0], stats[0])
         return
     for c in prange(bounds.size - 1):
         b0, b1 = bounds[c], bounds[c + 1]
-        stats[c, 6] = _scan_one(bits[b0:b1], lo, hi, lo_any, span, cand_bits[c], cand_idx[c], stats[c], b0)
+        _scan_chunk(bits[b0:b1], lo, hi, lo_any, span, b0, cand_bits[c], cand_idx[c], stats[c])
 
 
 @njit(cache=True)
@@ -163,69 +189,93 @@ def _last_tie_index(bits, threshold, sign, ties):
 
 @njit(cache=True)
 def _interval(v, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg):
-    """The reference's interval formula: first + clamp(floor((w - left) * inv), 0, last) on w's side."""
-    if v < 0:
-        return np.int64(min(max(np.floor((v - left_neg) * inv_neg), 0.0), last_neg))
-    return first_pos + np.int64(min(max(np.floor((v - left_pos) * inv_pos), 0.0), last_pos))
+    """The reference's interval formula: first + clamp(floor((w - left) * inv), 0, last) on w's side
+    (the side's numbers are selected, not branched to: signs are random)."""
+    neg = v < 0
+    left = left_neg if neg else left_pos
+    inv = inv_neg if neg else inv_pos
+    last = np.float64(last_neg if neg else last_pos)
+    f = min(max(np.floor((v - left) * inv), 0.0), last)
+    return (0 if neg else first_pos) + np.int64(f)
 
 
 @njit(cache=True)
-def _code_chunk(w, t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg,
-                mostly_pruned, codes, sums, counts):
-    """code = interval + 1 for weights beyond the clips, 0 for the rest (ties at a clip are fixed up
-    afterwards); sums/counts[lane, code] accumulate the levels (slot 0 is unused).
+def _add_member(u, code, lane, sums, counts):
+    """Add the weight of bit pattern u to interval `code`'s exact sum: its 24-bit signed mantissa in
+    the row of its exponent (prune_quant.mantissa_parts)."""
+    biased = (u >> 23) & 0xFF
+    mantissa = np.int64((u & 0x7FFFFF) | (0x800000 if biased else 0))
+    sums[lane, code, max(biased, 1)] += -mantissa if u >= SIGN_BIT else mantissa
+    counts[lane, code] += 1
 
-    When most weights are pruned, a branch skips them (it predicts well); otherwise the loop is
-    branch-free, since random signs and keep/prune decisions would mispredict."""
-    if mostly_pruned:
-        for i in range(w.size):
-            x = w[i]
-            if x <= t_pos and x >= t_neg:
-                codes[i] = 0
-                continue
-            v = np.float64(x)
-            if x < 0:
-                code = 1 + np.int64(min(max(np.floor((v - left_neg) * inv_neg), 0.0), last_neg))
-            else:
-                code = 1 + first_pos + np.int64(min(max(np.floor((v - left_pos) * inv_pos), 0.0), last_pos))
-            codes[i] = code
-            sums[i & (LANES - 1), code] += v
-            counts[i & (LANES - 1), code] += 1
-        return
+
+@njit(cache=True)
+def _keep_block(w, t_pos, t_neg, codes):
+    """codes = 1 for the weights beyond the clips, 0 for the rest (vectorizes: it streams the block into
+    cache for the loops that follow)."""
     for i in range(w.size):
         x = w[i]
-        v = np.float64(x)
-        keep = (x > t_pos) | (x < t_neg)
-        jn = np.int64(min(max(np.floor((v - left_neg) * inv_neg), 0.0), last_neg))
-        jp = first_pos + np.int64(min(max(np.floor((v - left_pos) * inv_pos), 0.0), last_pos))
-        code = ((jn if x < 0 else jp) + 1) * keep
-        codes[i] = code
-        sums[i & (LANES - 1), code] += v
-        counts[i & (LANES - 1), code] += 1
+        codes[i] = (x > t_pos) | (x < t_neg)
+
+
+@njit(cache=True)
+def _code_kept(w, bits, codes, i, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg, lane,
+               sums, counts):
+    """codes[i] (1 if kept, else 0) becomes the weight's code, and the weight joins its level's sum
+    (a pruned one joins row 0, unused): no branch."""
+    code = (1 + _interval(np.float64(w[i]), left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg)) \
+        * codes[i]
+    codes[i] = code
+    _add_member(bits[i], code, lane, sums, counts)
+
+
+@njit(cache=True)
+def _code_chunk(w, bits, t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg,
+                mostly_pruned, codes, sums, counts):
+    """code = interval + 1 for weights beyond the clips, 0 for the rest (ties at a clip are fixed up
+    afterwards); sums/counts[lane, code] accumulate the levels, lanes breaking the chains of adds into
+    one bin. Block by block: the first loop streams the block into cache, the second codes it there.
+    Mostly pruned: 8 codes at a time are tested, so most all-pruned stretches cost one test."""
+    for start in range(0, w.size, SCAN_BLOCK):
+        stop = min(start + SCAN_BLOCK, w.size)
+        block_w, block_bits, block_codes = w[start:stop], bits[start:stop], codes[start:stop]
+        _keep_block(block_w, t_pos, t_neg, block_codes)
+        rest = 0
+        if mostly_pruned:
+            words = block_codes[:block_codes.size // 8 * 8].view(np.uint64)
+            for j in range(words.size):
+                if words[j]:
+                    for i in range(8 * j, 8 * j + 8):
+                        if block_codes[i]:
+                            _code_kept(block_w, block_bits, block_codes, i, left_pos, inv_pos, first_pos,
+                                       last_pos, left_neg, inv_neg, last_neg, 0, sums, counts)
+            rest = words.size * 8
+        for i in range(rest, block_codes.size):
+            _code_kept(block_w, block_bits, block_codes, i, left_pos, inv_pos, first_pos, last_pos,
+                       left_neg, inv_neg, last_neg, i & (LANES - 1), sums, counts)
 
 
 @njit(parallel=True, cache=True)
-def _code_pass(w, bounds, t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg,
-               mostly_pruned, codes, sums, counts):
+def _code_pass(w, bits, bounds, t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg,
+               last_neg, mostly_pruned, codes, sums, counts):
     if bounds.size == 2:  # one chunk: no thread launch (it costs more than small work)
-        _code_chunk(w, t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg,
+        _code_chunk(w, bits, t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg,
                     mostly_pruned, codes, sums[0], counts[0])
         return
     for c in prange(bounds.size - 1):
         b0, b1 = bounds[c], bounds[c + 1]
-        _code_chunk(w[b0:b1], t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg,
-                    mostly_pruned, codes[b0:b1], sums[c], counts[c])
+        _code_chunk(w[b0:b1], bits[b0:b1], t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg,
+                    inv_neg, last_neg, mostly_pruned, codes[b0:b1], sums[c], counts[c])
 
 
 @njit(cache=True)
-def _keep_ties(w, index, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg, codes, sums, counts):
+def _keep_ties(w, bits, index, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg,
+               codes, sums, counts):
     """Give the kept weights that equal a clip (ties after the last pruned one) their codes."""
     for i in index:
-        v = np.float64(w[i])
-        code = _interval(v, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg) + 1
+        code = _interval(np.float64(w[i]), left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg) + 1
         codes[i] = code
-        sums[0, code] += v
-        counts[0, code] += 1
+        _add_member(bits[i], code, 0, sums, counts)
 
 
 @njit(cache=True)
@@ -373,7 +423,7 @@ def _side_args(part) -> tuple:
             part.neg_left, inv_neg, max(part.n_neg - 1, 0))
 
 
-def _brackets(u: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray, int]:
+def _bracket_sampled(u: np.ndarray, p: float, chunks: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Per sign, a [lo, hi] range of magnitude bits that very likely holds the k-th smallest
     (quantile p +- 5 sigma of a random sample), and a candidate capacity per chunk."""
     rng = np.random.default_rng(12345)  # fixed: the result never depends on it, only the speed
@@ -388,7 +438,16 @@ def _brackets(u: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray, int]:
         lo[s] = mags[max(int((p - delta) * mags.size), 0)] if p - delta > 0 else 1
         hi[s] = mags[min(int(np.ceil((p + delta) * mags.size)), mags.size - 1)] if p + delta < 1 else INF_BITS - 1
         expected = max(expected, 2 * delta)
-    return lo, hi, expected
+    return lo, hi, int(expected * u.size / chunks * 2) + 1024
+
+
+def _bracket_near(clips: tuple[float, float], size: int, chunks: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per sign, the previous clip's magnitude bits +- NEAR_ULPS (empty where it pruned nothing), and a
+    candidate capacity per chunk (3 %: fine-tuning keeps the bracket's share far below that)."""
+    clip_bits = np.abs(np.array([clips[1], clips[0]], np.float32)).view(np.uint32).astype(np.int64)
+    lo = np.where(clip_bits > 0, np.maximum(clip_bits - NEAR_ULPS, 1), 1).astype(np.uint32)
+    hi = np.where(clip_bits > 0, np.minimum(clip_bits + NEAR_ULPS, INF_BITS - 1), 0).astype(np.uint32)
+    return lo, hi, size // chunks // 32 + 1024
 
 
 def _select_from_candidates(k: int, below: int, values: np.ndarray, index: np.ndarray) -> tuple[int, np.ndarray] | None:
@@ -430,21 +489,21 @@ def _select_radix(u: np.ndarray, bounds: np.ndarray, k: list[int]) -> tuple[np.n
     return threshold, kept_ties
 
 
-def clip_quantize(w: np.ndarray, p: float, bits: int, out: np.ndarray | None = None,
-                  use_sample: bool = True) -> Quantized:
-    """Kernel version of `prune_quant.clip_quantize_reference` for a contiguous float32 array.
+@dataclass
+class _Scan:
+    """Pass 1's totals: weights per sign, below each bracket, the extrema, and the candidates."""
 
-    `use_sample=False` forces the exact radix fallback (for tests)."""
-    flat = w.reshape(-1)
-    u = flat.view(np.uint32)
-    bounds = _chunk_bounds(flat.size)
+    count: list[int]         # non-zero weights per sign
+    below: list[int]         # per sign, magnitudes below the bracket
+    top_pos: np.uint32       # largest positive bit pattern
+    top_all: np.uint32       # largest bit pattern (a negative one, or NaN/Inf)
+    candidates: tuple[np.ndarray, np.ndarray] | None  # (bits, blob index) in blob order; None: overflowed
+
+
+def _scan_all(u: np.ndarray, bounds: np.ndarray, lo: np.ndarray, hi: np.ndarray, cap: int) -> _Scan:
     chunks = bounds.size - 1
-    levels = 2 ** bits - 1
-
-    lo, hi, expected = _brackets(u, p) if use_sample else (np.ones(2, np.uint32), np.zeros(2, np.uint32), 0.0)
-    cap = int(expected * flat.size / chunks * 2) + 1024
-    cand_bits = np.empty((chunks, cap), np.uint32)
-    cand_idx = np.empty((chunks, cap), np.int64)
+    cand_bits = np.empty((chunks, cap + GATHER_BLOCK), np.uint32)
+    cand_idx = np.empty((chunks, cap + GATHER_BLOCK), np.int64)
     stats = np.zeros((chunks, 7), np.int64)
     lo_any = np.uint32(lo.min())
     span = np.uint32(max(int(hi.max()) - int(lo_any), 0))  # both brackets inside [lo_any, lo_any + span]
@@ -453,37 +512,76 @@ def clip_quantize(w: np.ndarray, p: float, bits: int, out: np.ndarray | None = N
     if top_pos >= INF_BITS or top_all >= (SIGN_BIT | INF_BITS):
         raise ValueError("weights contain NaN or Inf")
     total = stats.sum(axis=0)
-    count = [int(total[0] - total[1]), int(total[1])]
-    k = [pruned_count(p, count[s]) for s in (POS, NEG)]
-
-    found = None
+    candidates = None
     if stats[:, 6].max() <= cap:
-        bits_all = np.concatenate([cand_bits[c, :n] for c, n in enumerate(stats[:, 6])])
-        index_all = np.concatenate([cand_idx[c, :n] for c, n in enumerate(stats[:, 6])])  # blob order
-        sides = [bits_all < SIGN_BIT, bits_all >= SIGN_BIT]
-        found = [_select_from_candidates(k[s], int(total[2 + s]), bits_all[sides[s]] & ABS_MASK, index_all[sides[s]])
-                 if k[s] else (0, np.zeros(0, np.int64)) for s in (POS, NEG)]
-    if found is None or None in found:
-        threshold, kept_ties = _select_radix(u, bounds, k)
-    else:
-        threshold = np.array([found[POS][0], found[NEG][0]], np.uint32)
-        kept_ties = [found[POS][1], found[NEG][1]]
+        candidates = (np.concatenate([cand_bits[c, :n] for c, n in enumerate(stats[:, 6])]),
+                      np.concatenate([cand_idx[c, :n] for c, n in enumerate(stats[:, 6])]))
+    return _Scan([int(total[0] - total[1]), int(total[1])], [int(total[2]), int(total[3])], top_pos, top_all,
+                 candidates)
 
-    magnitude = np.array([top_pos, top_all & ABS_MASK if top_all > SIGN_BIT else 0], np.uint32)
+
+def _select_in_bracket(scan: _Scan, k: list[int]) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """Per sign, the k-th smallest magnitude's bits and the kept ties, if the bracket holds both."""
+    if scan.candidates is None:
+        return None
+    values, index = scan.candidates
+    found = []
+    for s in (POS, NEG):
+        side = (values >= SIGN_BIT) if s == NEG else (values < SIGN_BIT)
+        found.append(_select_from_candidates(k[s], scan.below[s], values[side] & ABS_MASK, index[side])
+                     if k[s] else (0, np.zeros(0, np.int64)))
+    if None in found:
+        return None
+    return np.array([found[POS][0], found[NEG][0]], np.uint32), [found[POS][1], found[NEG][1]]
+
+
+def clip_quantize(w: np.ndarray, p: float, bits: int, out: np.ndarray | None = None,
+                  previous: Quantized | None = None, use_sample: bool = True) -> Quantized:
+    """Kernel version of `prune_quant.clip_quantize_reference` for a contiguous float32 array.
+
+    `previous`, this call's result for the same layer a step earlier, brackets the selection with its
+    clips and lends its codes buffer (overwritten). `use_sample=False` without `previous` forces the
+    exact radix fallback (for tests)."""
+    flat = w.reshape(-1)
+    u = flat.view(np.uint32)
+    bounds = _chunk_bounds(flat.size)
+    chunks = bounds.size - 1
+    levels = 2 ** bits - 1
+
+    reuse = previous is not None and previous.codes.size == flat.size
+    codes = previous.codes.reshape(-1) if reuse else np.empty(flat.size, np.uint8)
+
+    def brackets():  # the cheapest first; each one only if the one before missed
+        if reuse:
+            yield _bracket_near(previous.clips, flat.size, chunks)
+        if use_sample:
+            yield _bracket_sampled(u, p, chunks)
+        elif not reuse:
+            yield np.ones(2, np.uint32), np.zeros(2, np.uint32), 0  # empty: counts and extrema only
+
+    for lo, hi, cap in brackets():
+        scan = _scan_all(u, bounds, lo, hi, cap)
+        k = [pruned_count(p, scan.count[s]) for s in (POS, NEG)]
+        selection = _select_in_bracket(scan, k)
+        if selection is not None:
+            break
+    threshold, kept_ties = selection if selection is not None else _select_radix(u, bounds, k)
+
+    magnitude = np.array([scan.top_pos, scan.top_all & ABS_MASK if scan.top_all > SIGN_BIT else 0], np.uint32)
     max_abs = magnitude.view(np.float32).astype(np.float64)
     clip_abs = threshold.view(np.float32)
+    count = scan.count
     part = make_partition(levels, -float(max_abs[NEG]), float(max_abs[POS]), -float(clip_abs[NEG]),
                           float(clip_abs[POS]), count[NEG] > k[NEG], count[POS] > k[POS])
 
-    codes = np.empty(flat.size, np.uint8)
-    sums = np.zeros((chunks, LANES, levels + 1), np.float64)  # slot 0: the pruned weights, unused
+    sums = np.zeros((chunks, LANES, levels + 1, EXPONENTS), np.int64)  # row 0: the pruned weights, unused
     counts = np.zeros((chunks, LANES, levels + 1), np.int64)
     side = _side_args(part)
     mostly_pruned = sum(k) >= MOSTLY_PRUNED * max(sum(count), 1)
-    _code_pass(flat, bounds, clip_abs[POS], -clip_abs[NEG], *side, mostly_pruned, codes, sums, counts)
+    _code_pass(flat, u, bounds, clip_abs[POS], -clip_abs[NEG], *side, mostly_pruned, codes, sums, counts)
     ties = np.concatenate(kept_ties).astype(np.int64)
     if ties.size:
-        _keep_ties(flat, ties, *side, codes, sums[0], counts[0])
+        _keep_ties(flat, u, ties, *side, codes, sums[0], counts[0])
     codebook = level_means(sums.sum(axis=(0, 1))[1:], counts.sum(axis=(0, 1))[1:], part, levels)
     lut = np.concatenate([[0], codebook]).astype(np.float32)
     result = np.empty(w.shape, np.float32) if out is None else out

@@ -241,18 +241,22 @@ class SingleLayerNet:
             self.net.reshape()
         return tuple(self.y.shape)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """The layer's output for input x (a view of the inner net's blob)."""
-        self.x.data[...] = x
-        self.net._forward(1, 1)
-        return self.y.data
+    def attach(self, bottom, top) -> None:
+        """Make the inner net's input and output the outer layer's own bottom and top blobs (data and
+        diff, through the pycaffe patch's Blob.share_*): Caffe's layer reads and writes them in place.
+        Call after every reshape (a growing blob gets new memory)."""
+        for inner, outer in ((self.x, bottom), (self.y, top)):
+            inner.share_data(outer)
+            inner.share_diff(outer)
 
-    def backward(self, dy: np.ndarray) -> np.ndarray | None:
-        """Input gradient for output gradient dy (None without input_grad); parameter gradients
-        accumulate into self.params diffs."""
-        self.y.diff[...] = dy
+    def forward(self) -> None:
+        """The layer's forward, from the attached bottom into the attached top."""
+        self.net._forward(1, 1)
+
+    def backward(self) -> None:
+        """The layer's backward from the attached top's diff: the input gradient (with input_grad) into
+        the bottom's diff; parameter gradients accumulate into self.params diffs."""
         self.net._backward(1, 1)
-        return self.x.diff if self.input_grad else None
 
 
 def read_caffemodel(path: str | os.PathLike):

@@ -35,11 +35,13 @@ Choices the paper leaves open, made here (and tested in tests/test_prune_quant.p
 The result's codes are `0` for pruned weights and `j` in `1..K` for `codebook[j - 1]`, so a kept weight
 needs `bits` bits, as in the paper's sparse encoding. `clip_quantize` runs a multi-threaded O(n) numba
 kernel (exact selection on the float bits; no sort, see `_kernels`) for large layers and the plain-numpy
-`clip_quantize_reference` for small ones; the tests check that both give identical results.
+`clip_quantize_reference` for small ones; the tests check that both give identical results, bit for bit:
+level sums are exact (integer mantissa sums per exponent), so the order of the additions does not matter.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,13 +159,35 @@ def _prune_side(values: np.ndarray, p: float) -> tuple[np.ndarray, float]:
     return keep, clip
 
 
-def level_means(sums: np.ndarray, counts: np.ndarray, part: Partition, levels: int) -> np.ndarray:
-    """Codebook: each interval's mean (float64 sums / counts), the centre for an empty interval."""
+EXPONENTS = 256  # float32 biased exponents: an exact level sum keeps one integer per (level, exponent)
+
+
+def mantissa_parts(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 weights as exact integer parts: w == mantissa * 2**(exponent - 150), mantissa a signed
+    24-bit integer, exponent in 1..255 (subnormals have exponent 1)."""
+    u = np.ascontiguousarray(w, np.float32).view(np.uint32)
+    biased = (u >> 23) & 0xFF
+    mantissa = (u & 0x7FFFFF).astype(np.int64) | np.where(biased > 0, 0x800000, 0)
+    return np.where(u >> 31, -mantissa, mantissa), np.maximum(biased, 1).astype(np.int64)
+
+
+def level_means(mantissa_sums: np.ndarray, counts: np.ndarray, part: Partition, levels: int) -> np.ndarray:
+    """Codebook: each interval's mean, the centre for an empty interval.
+
+    `mantissa_sums[j, e]` is the exact integer sum of the mantissas of interval j's members of exponent e
+    (`mantissa_parts`), so the sum is exact whatever the order of the additions, and the mean (Python's
+    correctly rounded int / int) is the same float64 for the reference and for the parallel kernel."""
     codebook = np.zeros(levels, np.float64)
     centres = part.centres()
     codebook[:centres.size] = centres
-    used = counts > 0
-    codebook[used] = sums[used] / counts[used]
+    for j in np.flatnonzero(counts[:levels] > 0):
+        exponents = np.flatnonzero(mantissa_sums[j])
+        if exponents.size == 0:  # the members cancel exactly
+            codebook[j] = 0.0
+            continue
+        low = int(exponents[0])
+        total = sum(int(mantissa_sums[j, e]) << int(e - low) for e in exponents)
+        codebook[j] = math.ldexp(total / int(counts[j]), low - 150)
     return codebook.astype(np.float32)
 
 
@@ -172,8 +196,11 @@ def quantize_with(w: np.ndarray, keep: np.ndarray, part: Partition, levels: int)
     flat = np.asarray(w, dtype=np.float32).ravel()
     idx = part.index(flat[keep])
     counts = np.bincount(idx, minlength=levels)[:levels]
-    sums = np.bincount(idx, weights=flat[keep].astype(np.float64), minlength=levels)[:levels]
-    codebook = level_means(sums, counts, part, levels)
+    mantissa, exponent = mantissa_parts(flat[keep])
+    # float64 bincount of 24-bit integers is exact below 2**29 members per bin
+    sums = np.bincount(idx * EXPONENTS + exponent, weights=mantissa.astype(np.float64),
+                       minlength=levels * EXPONENTS)[:levels * EXPONENTS]
+    codebook = level_means(sums.astype(np.int64).reshape(levels, EXPONENTS), counts, part, levels)
     codes = np.zeros(flat.size, np.uint8)
     codes[keep] = idx + 1
     weights = np.zeros(flat.size, np.float32)
@@ -199,10 +226,14 @@ def clip_quantize_reference(w: np.ndarray, p: float, bits: int) -> Quantized:
     return quantize_with(w, keep, part, levels)
 
 
-def clip_quantize(w: np.ndarray, p: float, bits: int, out: np.ndarray | None = None) -> Quantized:
+def clip_quantize(w: np.ndarray, p: float, bits: int, out: np.ndarray | None = None,
+                  previous: Quantized | None = None) -> Quantized:
     """CLIP-Q pruning-quantization of one layer's weights (any shape; float32 result of the same shape).
 
     `out`, a float32 array of w's size (e.g. a Caffe blob's data), receives the quantized weights.
+    `previous`, the result of the last call for the same layer (e.g. a training step earlier), makes a
+    large layer's selection faster (its clips bracket the new ones) and lends its codes buffer: the
+    previous result's codes are overwritten. The result does not depend on it.
     """
     w = np.asarray(w)
     if out is not None and (out.dtype != np.float32 or out.size != w.size or not out.flags.c_contiguous):
@@ -216,7 +247,7 @@ def clip_quantize(w: np.ndarray, p: float, bits: int, out: np.ndarray | None = N
     from clipq import _kernels
 
     check_args(p, bits)
-    return _kernels.clip_quantize(np.ascontiguousarray(w, dtype=np.float32), p, bits, out)
+    return _kernels.clip_quantize(np.ascontiguousarray(w, dtype=np.float32), p, bits, out, previous)
 
 
 def quantize_kept(w: np.ndarray, keep: np.ndarray, bits: int) -> Quantized:
