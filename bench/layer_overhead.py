@@ -99,6 +99,13 @@ def interleaved(reference, candidate, repeats: int, calls: int) -> tuple[list[fl
     return ref, cand
 
 
+def solver_steps(net_text: str, plan: dict, workdir: Path, repeats: int, steps: int):
+    """Interleaved step times of the plain net and of its CLIP-Q version (both solvers freed on return)."""
+    plain = make_solver(net_text, workdir, "plain")
+    ours = make_solver(clipq_version(net_text, plan, workdir), workdir, "clipq")
+    return interleaved(lambda: plain.step(1), lambda: ours.step(1), repeats, steps)
+
+
 def row(name: str, ref: list[float], cand: list[float], goal: float, unit_ms: bool = True) -> str:
     """Medians, the median per-repetition ratio, its spread (min .. max) and the goal."""
     ratios = sorted(c / r for r, c in zip(ref, cand))
@@ -155,11 +162,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for name, text, plan, goal in cases:
-            plain = make_solver(text, workdir, "plain")
-            ours = make_solver(clipq_version(text, plan, workdir), workdir, "clipq")
-            ref, cand = interleaved(lambda: plain.step(1), lambda: ours.step(1), args.repeats, args.steps)
+            ref, cand = solver_steps(text, plan, workdir, args.repeats, args.steps)
             print(row(name, ref, cand, goal), flush=True)
-            del plain, ours
 
     w = np.random.default_rng(0).normal(0, 0.005, 4096 * 9216).astype(np.float32)
     out = np.empty_like(w)

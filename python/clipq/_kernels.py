@@ -59,7 +59,8 @@ def _count_block(bits, lo_pos, lo_neg):
     for i in range(bits.size):
         u = bits[i]
         signs += np.uint32((u & ABS_MASK) != 0) | (np.uint32(u > SIGN_BIT) << np.uint32(16))
-        bracket += np.uint32(np.uint32(u - one) < lo_pos1) | (np.uint32(np.uint32(u - first_neg) < lo_neg1) << np.uint32(16))
+        below_neg = np.uint32(np.uint32(u - first_neg) < lo_neg1)
+        bracket += np.uint32(np.uint32(u - one) < lo_pos1) | (below_neg << np.uint32(16))
     low = np.uint32(0xFFFF)
     return int(signs & low), int(signs >> np.uint32(16)), int(bracket & low), int(bracket >> np.uint32(16))
 
