@@ -1,0 +1,35 @@
+"""bench/layer_overhead.py's measuring logic (not its numbers): interleaving and the reported ratio."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def layer_overhead():
+    path = Path(__file__).resolve().parents[1] / "bench" / "layer_overhead.py"
+    spec = importlib.util.spec_from_file_location("layer_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_interleaving_alternates_which_side_runs_first(layer_overhead):
+    order = []
+    layer_overhead.interleaved(lambda: order.append("ref"), lambda: order.append("cand"), repeats=4, calls=1)
+    assert order == ["ref", "cand", "cand", "ref", "ref", "cand", "cand", "ref"]
+
+
+def test_the_ratio_is_the_median_of_per_repetition_ratios_with_its_spread(layer_overhead):
+    line = layer_overhead.row("net", [1.0, 2.0, 1.0, 1.0, 1.0], [1.2, 2.2, 1.4, 1.1, 3.0], goal=1.25)
+    assert "1.20x" in line and "1.10 .. 3.00" in line and line.endswith("met") and "NOT" not in line
+    assert "NOT met" in layer_overhead.row("net", [1.0] * 5, [1.3] * 5, goal=1.25)
+
+
+def test_fewer_than_five_repetitions_are_refused(layer_overhead, capsys):
+    with pytest.raises(SystemExit):
+        layer_overhead.main(["--repeats", "3"])
+    assert "at least 5" in capsys.readouterr().err
