@@ -89,6 +89,10 @@ class CompressConfig:
                 raise ClipqError(f"{path}: file not found ({what})")
         if self.val is not None:
             caffe_io.lmdb_entries(self.val, "validation LMDB (--val)")
+        if self.mpi:
+            from clipq import data_parallel
+
+            data_parallel.require_support()
         self.check_inputs()
 
     def check_inputs(self) -> None:
