@@ -74,6 +74,23 @@ def trained_mlp(tmp_path_factory, fashion_mnist_slices) -> dict:
     return {"model": model, "weights": weights, "solver": solver, "root": root, "val": fashion_mnist_slices["val"]}
 
 
+def require_opencv(needed_for: str) -> None:
+    """Skip the calling test on a Caffe built without OpenCV (tools/install_caffe.sh's brocolli fallback)."""
+    from clipq import caffe_io
+
+    if not caffe_io.has_opencv():
+        pytest.skip(f"this Caffe is built without OpenCV (build stamp: opencv=0): {needed_for}")
+
+
+def require_bvlc(needed_for: str) -> None:
+    """Skip the calling test on a Caffe that is not BVLC's (tools/install_caffe.sh's brocolli fallback)."""
+    from clipq import caffe_io, doctor
+
+    stamp = doctor.read_build_stamp(caffe_io.caffe_root())
+    if stamp.get("source_kind") != "bvlc":
+        pytest.skip(f"this Caffe is not BVLC Caffe (build stamp: source_kind={stamp.get('source_kind')}): {needed_for}")
+
+
 @pytest.fixture(scope="session")
 def caffe_root() -> Path:
     """The root of the Caffe build pycaffe is imported from."""

@@ -115,6 +115,12 @@ def test_the_plan_between_two_neighbours_interpolates_only_the_layers_that_diffe
     assert budget.interpolate(candidate((0.5, 3), 0.1), candidate((0.5, 3), 0.1)) is None
 
 
+def test_the_plan_between_two_rates_near_1_stays_below_1():
+    middle = budget.interpolate(candidate((0.9998, 2), 0.002), candidate((0.99999, 2), 0.001))
+    ip1 = middle.plan["ip1"]
+    assert ip1.p == pytest.approx(1 - math.sqrt(0.0002 * 0.00001), abs=1e-12) and ip1.p < 1  # 0.999955...
+
+
 def test_a_wide_gap_in_a_closed_bracket_is_filled_by_the_plan_between():
     candidates = [candidate((0.8, 6), 0.08), candidate((0.952, 6), 0.0226), candidate((0.987, 3), 0.009)]
     met = {candidates[0].key: True, candidates[1].key: True, candidates[2].key: False}

@@ -11,6 +11,7 @@ import pytest
 
 from clipq import caffe_io, data_import, image_sources
 from clipq.errors import ClipqError
+from conftest import require_opencv
 
 RNG = np.random.default_rng(1)
 
@@ -96,8 +97,8 @@ def caffe_batch(source, batch: int) -> np.ndarray:
 def test_caffe_reads_raw_and_encoded_datums_as_the_same_pixels(tmp_path):
     images = RNG.integers(0, 256, (8, 3, 6, 6), dtype=np.uint8)
     for encoded in (None, "png"):
-        if encoded and not caffe_io.has_opencv():
-            pytest.skip("this Caffe is built without OpenCV: encoded Datums cannot be decoded")
+        if encoded:
+            require_opencv("encoded Datums cannot be decoded")
         out = tmp_path / f"d_{encoded}"
         data_import.import_images(arrays_source(images, np.arange(8) % 2), out,
                                   data_import.ImportSettings(val=0, test=0, encoded=encoded), progress=False)
@@ -115,8 +116,7 @@ def test_a_jpeg_folder_through_convert_imageset_and_through_clipq_data_gives_the
 
     from PIL import Image
 
-    if not caffe_io.has_opencv():
-        pytest.skip("this Caffe is built without OpenCV: no convert_imageset")
+    require_opencv("no convert_imageset")
     photos = tmp_path / "photos"
     lines = []
     for i in range(12):

@@ -33,7 +33,8 @@ def _loopback_only() -> str | None:
     return None if done.returncode == 0 else f"unshare -n not permitted: {done.stderr.decode().strip()}"
 
 
-pytestmark = pytest.mark.skipif(_loopback_only() is not None, reason=str(_loopback_only()))
+CANNOT_RUN = data_parallel.unsupported() or _loopback_only()
+pytestmark = pytest.mark.skipif(CANNOT_RUN is not None, reason=str(CANNOT_RUN))
 
 
 def loopback(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -10,6 +10,8 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from conftest import require_opencv
+
 VENV_BIN = Path(sys.prefix) / "bin"
 COLORS = [(200, 30, 90), (10, 120, 250), (60, 60, 60), (255, 200, 0)]  # RGB, one solid image each
 TINY_NET = """
@@ -76,6 +78,7 @@ def _run(*args) -> None:
 def test_convert_imageset_and_compute_image_mean_decode_jpegs(tmp_path):
     from clipq import caffe_io
 
+    require_opencv("convert_imageset cannot decode JPEGs")
     listing = _solid_jpegs(tmp_path)
     _run(VENV_BIN / "convert_imageset", "--resize_height=32", "--resize_width=32", f"{tmp_path}/", listing,
          tmp_path / "lmdb")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipq import nets, pipeline, train
+from clipq import caffe_io, caffemodel, methods, nets, pipeline, sparse_codec, train
 from clipq.errors import ClipqError
 from clipq.search import SearchSettings
 from conftest import SOLVER
@@ -107,6 +107,19 @@ def test_a_run_stopped_inside_a_round_resumes_there_with_the_same_result(tmp_pat
     redone = [m for m in messages if m.endswith("...")]
     assert redone == ["[encode] ...", "[decode] ...", "[evaluate] ..."]
     assert again["budget"] == first["budget"]
+
+
+def test_a_layer_a_method_pruned_entirely_is_stored_with_no_rate(tmp_path):
+    # DNS and LC decide their own sparsity: the header's p is the share of zeros, and 1 is no pruning rate
+    w = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    mask, state = np.zeros_like(w), np.zeros(3, np.float32)
+    trained = tmp_path / "dns.caffemodel"
+    caffemodel.write([caffemodel.LayerWeights("fc", "Python", [w, np.ones(4, np.float32), mask, state])], trained)
+    plain = caffe_io.caffe_pb2().NetParameter()
+    plain.layer.add(name="fc", type="InnerProduct")
+    method = methods.Surgery("dns", {}, bias={"fc": True}, c_rates={"fc": 1.0})
+    _, (layer,) = sparse_codec.decode(sparse_codec.encode(pipeline.method_layers(method, trained, plain)))
+    assert layer.p is None and not layer.codes.any() and np.array_equal(layer.blobs[1], np.ones(4))
 
 
 def test_budget_settings_are_checked_before_any_stage(tmp_path, mlp):

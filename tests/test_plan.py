@@ -30,6 +30,12 @@ def test_save_then_load_round_trips(tmp_path):
         assert load_plan(tmp_path / name) == plan
 
 
+def test_a_rate_that_would_round_to_1_is_saved_as_it_is(tmp_path):
+    # p is saved to 4 decimals, but 0.99996 must not become 1, which is no pruning rate
+    save_plan({"ip1": LayerPlan(0.99996, 2), "ip2": LayerPlan(0.123456, 3)}, tmp_path / "p.yaml")
+    assert load_plan(tmp_path / "p.yaml") == {"ip1": LayerPlan(0.99996, 2), "ip2": LayerPlan(0.1235, 3)}
+
+
 @pytest.mark.parametrize("entry,message", [
     ("{p: 1.0, b: 3}", "layer 'fc6': p must be a number in [0, 1), got 1.0"),
     ("{p: 0.5, b: 9}", "layer 'fc6': b (bits) must be an integer in 1..8, got 9"),

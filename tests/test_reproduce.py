@@ -7,7 +7,7 @@ import pytest
 
 from clipq import caffe_io, convert, reproduce
 from clipq.plan import load_plan
-from conftest import random_caffemodel
+from conftest import random_caffemodel, require_opencv
 
 SCHEDULES = {  # the paper's section 4: (max_iter, base_lr, lr_policy, train batch)
     "alexnet": (900_000, 0.001, "step", 256),
@@ -61,8 +61,7 @@ def test_smoke_run_goes_through_every_stage(net, tmp_path):
 def test_smoke_imagenet_is_made_from_jpegs_by_caffes_tools(tmp_path):
     from clipq import caffe_io, preflight
 
-    if not caffe_io.has_opencv():
-        pytest.skip("this Caffe is built without OpenCV: the smoke run uses random arrays")
+    require_opencv("the smoke run uses random arrays")
     out = reproduce.jpeg_imagenet(tmp_path)
     assert preflight.first_datum(out / reproduce.TRAIN_LMDB, "x") == (3, 256, 256)
     assert caffe_io.lmdb_entries(out / reproduce.VAL_LMDB) == reproduce.SMOKE["images"][1]

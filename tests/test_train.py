@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
-from clipq import train
+from clipq import caffemodel, train
 from clipq.errors import ClipqError
 
 PY_LAYER_NET = """
@@ -53,6 +54,17 @@ def test_rerun_resumes_from_the_newest_snapshot(tmp_path, toy_layers_on_path):
     log = (tmp_path / "snap" / "toy.log").read_text()
     assert re.search(r"Resuming from \S*toy_iter_20\.solverstate", log)
     assert (tmp_path / "snap" / "toy_iter_40.caffemodel").exists()
+
+
+def test_training_starts_from_the_weights_given(tmp_path, toy_layers_on_path):
+    # brocolli-caffe's `caffe train` parsed --weights but never loaded it (tools/patches/brocolli/04)
+    solver = write_solver(tmp_path, max_iter=1)
+    solver.write_text(solver.read_text().replace("base_lr: 0.05", "base_lr: 0"))
+    start = [np.arange(8, dtype=np.float32).reshape(2, 4), np.full(2, 0.5, np.float32)]
+    caffemodel.write([caffemodel.LayerWeights("fc", "InnerProduct", start)], tmp_path / "start.caffemodel")
+    out = train.train(solver, weights=tmp_path / "start.caffemodel", progress=False)
+    fc = next(w for w in caffemodel.read(out) if w.name == "fc")
+    assert all(np.array_equal(a, b) for a, b in zip(fc.blobs, start, strict=True))
 
 
 def test_a_failing_caffe_run_reports_the_log(tmp_path):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipq.plan import LayerPlan
+from clipq.plan import LayerPlan, rounded_rate
 from clipq.search import Evaluation
 
 
@@ -150,7 +150,7 @@ class Candidate:
 
     @property
     def key(self) -> tuple:
-        return tuple((name, round(lp.p, 4), lp.bits) for name, lp in sorted(self.plan.items()))
+        return tuple((name, rounded_rate(lp.p), lp.bits) for name, lp in sorted(self.plan.items()))
 
 
 def path_candidates(path: list[PathPlan]) -> list[Candidate]:
@@ -165,7 +165,7 @@ def interpolate(larger: Candidate, smaller: Candidate) -> Candidate | None:
     for name, a in larger.plan.items():
         b = smaller.plan[name]
         kept = math.sqrt((1 - a.p) * (1 - b.p))
-        plan[name] = a if a == b else LayerPlan(round(1 - kept, 4), int(math.floor((a.bits + b.bits) / 2 + 0.5)))
+        plan[name] = a if a == b else LayerPlan(rounded_rate(1 - kept), int(math.floor((a.bits + b.bits) / 2 + 0.5)))
     middle = Candidate(plan, math.sqrt(larger.size * smaller.size), "between two neighbours of the path")
     return None if middle.key in (larger.key, smaller.key) else middle
 

@@ -30,7 +30,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from clipq import train
+from clipq import caffe_io, train
 from clipq.errors import ClipqError
 from clipq.lock import locked
 from clipq.processes import end_with_parent
@@ -40,6 +40,27 @@ STOP_SIGNAL = signal.SIGUSR1  # snapshot and stop: a signal mpirun forwards to e
 # One machine: the ranks talk through shared memory (vader), not TCP. No Open MPI stack dump of a rank that
 # a failed Caffe CHECK aborts (opal_signal): glog's message says what failed.
 MCA = ("--mca", "pml", "ob1", "--mca", "btl", "self,vader", "--mca", "opal_signal", "")
+
+
+# pycaffe's side of BVLC's multi-process training: with these, rank r's DataLayer reads LMDB entries r, r+N, ...
+RANK_FUNCTIONS = ("set_solver_count", "set_solver_rank", "set_multiprocess")
+
+
+def unsupported() -> str | None:
+    """Why this Caffe cannot train data-parallel (None when it can)."""
+    missing = [name for name in RANK_FUNCTIONS if not hasattr(caffe_io.caffe(), name)]
+    if not missing:
+        return None
+    return (f"this Caffe predates BVLC's multi-process training: its pycaffe has no {', '.join(missing)} and "
+            "its DataLayer cannot give each rank its own share of the LMDB (brocolli-caffe, the install's last "
+            "resort, is such a Caffe); build BVLC Caffe (tools/install_caffe.sh with the mirror or GitHub)")
+
+
+def require_support() -> None:
+    """ClipqError if this Caffe cannot train data-parallel (before mpirun starts N ranks that would all fail)."""
+    why = unsupported()
+    if why is not None:
+        raise ClipqError(f"--mpi: {why}")
 
 
 def mpirun_command(ranks: int, program: list[str]) -> list[str]:
@@ -58,6 +79,7 @@ def launch(ranks: int, solver: Path, output: Path | None = None, weights: Path |
            log: Path | None = None, progress: bool = True) -> Path:
     """`clipq train --mpi N`: train with `ranks` MPI processes on this machine; return the final caffemodel
     (`output` when given). Each rank gets an equal share of the cores for its BLAS threads."""
+    require_support()
     param = train.read_solver(solver)
     args = ["--solver", str(solver)] + _options(weights=weights, output=output, log=log)
     if not progress:

@@ -31,7 +31,7 @@ from clipq import report as reporting
 from clipq.atomic import atomic_write
 from clipq.errors import ClipqError
 from clipq.lock import output_directory
-from clipq.plan import load_plan, save_plan
+from clipq.plan import load_plan, rounded_rate, save_plan
 
 
 SEARCH_ON = ("auto", "val", "train")
@@ -89,6 +89,10 @@ class CompressConfig:
                 raise ClipqError(f"{path}: file not found ({what})")
         if self.val is not None:
             caffe_io.lmdb_entries(self.val, "validation LMDB (--val)")
+        if self.mpi:
+            from clipq import data_parallel
+
+            data_parallel.require_support()
         self.check_inputs()
 
     def check_inputs(self) -> None:
@@ -264,8 +268,11 @@ def method_layers(method: methods.Method, trained: Path, plain_net) -> list[spar
         if name in stored:
             s = stored[name]
             bias = [np.asarray(b, np.float32) for b in layer.blobs[1:2]] if method.bias[name] else []
+            # p: the share of zeros the method left (DNS and LC decide it); a layer it pruned entirely has no
+            # pruning rate in [0, 1): null there (its `nonzero`, 0, says so)
+            zeros = float(np.mean(s.codes == 0))
             layers.append(sparse_codec.Layer(name, types[name], [s.weights] + bias, s.codes, s.codebook, s.bits,
-                                             float(np.mean(s.codes == 0))))
+                                             zeros if zeros < 1 else None))
         else:
             layers.append(sparse_codec.Layer(name, types.get(name, layer.type), layer.blobs))
     return layers
@@ -452,7 +459,7 @@ def budget_rounds(config: CompressConfig, nets: Nets, baseline: dict, log) -> li
         met[candidate.key] = budget.meets(drop, config.max_drop, config.se_margin)
         test_drop = 100 * (baseline["test"]["accuracy"] - result["scores"]["decoded"]["accuracy"])
         rounds.append({**result, "round": number, "origin": candidate.origin, "layers": {
-                           name: {"p": round(lp.p, 4), "b": lp.bits} for name, lp in candidate.plan.items()},
+                           name: {"p": rounded_rate(lp.p), "b": lp.bits} for name, lp in candidate.plan.items()},
                        "val_drop": drop.points, "val_drop_se": drop.se, "test_drop": test_drop,
                        "met": met[candidate.key]})
         log(f"[round {number}] {result['clipq_bytes']:,} bytes, validation drop {drop.points:+.2f} "

@@ -80,10 +80,17 @@ def load_plan(path: str | Path) -> dict[str, LayerPlan]:
     return parse_plan(data, str(path))
 
 
+def rounded_rate(p: float, digits: int = 4) -> float:
+    """A pruning rate rounded to `digits` decimals (for plan files, reports and plan keys), except one that
+    would round up to 1, which is no pruning rate: that one is kept as it is."""
+    rounded = round(float(p), digits)
+    return rounded if rounded < 1 else float(p)
+
+
 def save_plan(plan: dict[str, LayerPlan], path: str | Path, extra: dict | None = None) -> None:
     """Write a plan (YAML, or JSON when the name ends in .json) atomically; `extra` adds top-level keys."""
     doc = {"version": PLAN_VERSION, **(extra or {}),
-           "layers": {name: {"p": round(float(lp.p), 4), "b": int(lp.bits)} for name, lp in plan.items()}}
+           "layers": {name: {"p": rounded_rate(lp.p), "b": int(lp.bits)} for name, lp in plan.items()}}
     with atomic_write(path) as f:
         if str(path).endswith(".json"):
             json.dump(doc, f, indent=2)
