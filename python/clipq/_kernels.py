@@ -14,7 +14,8 @@ orders like the magnitude, so everything works on those integers. Three passes o
    little per iteration), else a random sample's quantile +- 5 sigma. If the bracket misses, the next
    one is tried, and last an exact two-pass radix selection (histograms of the high, then the low 16
    bits).
-2. *Codes*: pruned or interval index per weight, and per-interval mantissa sums for the levels.
+2. *Codes*: per block, the kept weights are marked (vectorized), listed without branches, and only
+   they get an interval index and join the per-interval mantissa sums of the levels.
 3. *Output*: quantized weight = codebook[code].
 
 Work is split into fixed chunks whose partial results are combined in chunk order, so results do not
@@ -38,11 +39,14 @@ SIGN_BIT = np.uint32(0x80000000)
 SAMPLE = 1 << 16
 GATHER_BLOCK = 64
 PARALLEL_MIN = 1 << 20  # below this many weights, threads cost more than they save (they contend with BLAS's)
-MOSTLY_PRUNED = 0.8  # from this pruned fraction on, the code pass branches over pruned weights (faster)
 LANES = 4  # independent accumulators per interval in the dense code pass, to break add-latency chains
 SCAN_BLOCK = 8192  # weights read from memory once per scan, then counted, searched and gathered in cache
 NEAR_ULPS = 1 << 14  # the previous clips' bracket: +- 2**14 units in the last place, +-0.2..0.4 %
 HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16
+GATHER_MAGIC = np.uint64(0x0102040810204080)  # x * this >> 56: the low bits of x's 8 bytes as one byte
+SET_BITS = np.array([[i for i in range(8) if b >> i & 1] + [0] * (8 - bin(b).count("1")) for b in range(256)],
+                    np.int64)  # SET_BITS[b, :popcount(b)]: the positions of b's set bits
+SET_BIT_COUNT = np.array([bin(b).count("1") for b in range(256)], np.int64)
 
 
 # Each parallel kernel hands contiguous slices (one chunk each) to a serial helper: numba vectorizes a
@@ -222,51 +226,59 @@ def _keep_block(w, t_pos, t_neg, codes):
 @njit(cache=True)
 def _code_kept(w, bits, codes, i, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg, lane,
                sums, counts):
-    """codes[i] (1 if kept, else 0) becomes the weight's code, and the weight joins its level's sum
-    (a pruned one joins row 0, unused): no branch."""
-    code = (1 + _interval(np.float64(w[i]), left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg)) \
-        * codes[i]
+    """The kept weight i gets its code, and joins its level's sum."""
+    code = 1 + _interval(np.float64(w[i]), left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg)
     codes[i] = code
     _add_member(bits[i], code, lane, sums, counts)
 
 
 @njit(cache=True)
+def _kept_positions(marks, positions):
+    """Write the positions of the non-zero marks (0/1 bytes) into `positions` (room for 8 more); return
+    how many. No branch: 8 marks at a time become one byte (a multiply gathers their low bits), whose set
+    bits' positions come from a table."""
+    words = marks[:marks.size // 8 * 8].view(np.uint64)
+    n = 0
+    for j in range(words.size):
+        byte = (words[j] * GATHER_MAGIC) >> np.uint64(56)
+        for t in range(8):
+            positions[n + t] = 8 * j + SET_BITS[byte, t]
+        n += SET_BIT_COUNT[byte]
+    for i in range(words.size * 8, marks.size):
+        positions[n] = i
+        n += marks[i]
+    return n
+
+
+@njit(cache=True)
 def _code_chunk(w, bits, t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg,
-                mostly_pruned, codes, sums, counts):
+                codes, sums, counts):
     """code = interval + 1 for weights beyond the clips, 0 for the rest (ties at a clip are fixed up
     afterwards); sums/counts[lane, code] accumulate the levels, lanes breaking the chains of adds into
-    one bin. Block by block: the first loop streams the block into cache, the second codes it there.
-    Mostly pruned: 8 codes at a time are tested, so most all-pruned stretches cost one test."""
+    one bin. Block by block: a vectorized loop marks the kept weights (streaming the block into cache),
+    their positions are listed without branches, and only they are coded (no mispredicted branch on
+    a random keep/prune decision)."""
+    positions = np.empty(SCAN_BLOCK + 8, np.int64)
     for start in range(0, w.size, SCAN_BLOCK):
         stop = min(start + SCAN_BLOCK, w.size)
         block_w, block_bits, block_codes = w[start:stop], bits[start:stop], codes[start:stop]
         _keep_block(block_w, t_pos, t_neg, block_codes)
-        rest = 0
-        if mostly_pruned:
-            words = block_codes[:block_codes.size // 8 * 8].view(np.uint64)
-            for j in range(words.size):
-                if words[j]:
-                    for i in range(8 * j, 8 * j + 8):
-                        if block_codes[i]:
-                            _code_kept(block_w, block_bits, block_codes, i, left_pos, inv_pos, first_pos,
-                                       last_pos, left_neg, inv_neg, last_neg, 0, sums, counts)
-            rest = words.size * 8
-        for i in range(rest, block_codes.size):
-            _code_kept(block_w, block_bits, block_codes, i, left_pos, inv_pos, first_pos, last_pos,
-                       left_neg, inv_neg, last_neg, i & (LANES - 1), sums, counts)
+        for t in range(_kept_positions(block_codes, positions)):
+            _code_kept(block_w, block_bits, block_codes, positions[t], left_pos, inv_pos, first_pos, last_pos,
+                       left_neg, inv_neg, last_neg, t & (LANES - 1), sums, counts)
 
 
 @njit(parallel=True, cache=True)
 def _code_pass(w, bits, bounds, t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg,
-               last_neg, mostly_pruned, codes, sums, counts):
+               last_neg, codes, sums, counts):
     if bounds.size == 2:  # one chunk: no thread launch (it costs more than small work)
         _code_chunk(w, bits, t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg,
-                    mostly_pruned, codes, sums[0], counts[0])
+                    codes, sums[0], counts[0])
         return
     for c in prange(bounds.size - 1):
         b0, b1 = bounds[c], bounds[c + 1]
         _code_chunk(w[b0:b1], bits[b0:b1], t_pos, t_neg, left_pos, inv_pos, first_pos, last_pos, left_neg,
-                    inv_neg, last_neg, mostly_pruned, codes[b0:b1], sums[c], counts[c])
+                    inv_neg, last_neg, codes[b0:b1], sums[c], counts[c])
 
 
 @njit(cache=True)
@@ -575,11 +587,10 @@ def clip_quantize(w: np.ndarray, p: float, bits: int, out: np.ndarray | None = N
     part = make_partition(levels, -float(max_abs[NEG]), float(max_abs[POS]), -float(clip_abs[NEG]),
                           float(clip_abs[POS]), count[NEG] > k[NEG], count[POS] > k[POS])
 
-    sums = np.zeros((chunks, LANES, levels + 1, EXPONENTS), np.int64)  # row 0: the pruned weights, unused
+    sums = np.zeros((chunks, LANES, levels + 1, EXPONENTS), np.int64)  # row 0 (pruned) stays empty
     counts = np.zeros((chunks, LANES, levels + 1), np.int64)
     side = _side_args(part)
-    mostly_pruned = sum(k) >= MOSTLY_PRUNED * max(sum(count), 1)
-    _code_pass(flat, u, bounds, clip_abs[POS], -clip_abs[NEG], *side, mostly_pruned, codes, sums, counts)
+    _code_pass(flat, u, bounds, clip_abs[POS], -clip_abs[NEG], *side, codes, sums, counts)
     ties = np.concatenate(kept_ties).astype(np.int64)
     if ties.size:
         _keep_ties(flat, u, ties, *side, codes, sums[0], counts[0])
