@@ -122,13 +122,13 @@ def _scan_chunk(bits, lo, hi, lo_any, span, offset, cand_bits, cand_idx, stats):
     top_pos = top_all = np.uint32(0)
     for start in range(0, bits.size, SCAN_BLOCK):
         block = bits[start:start + SCAN_BLOCK]
+        block_pos, block_all = _extrema_block(block)  # first: the lightest loop streams best from memory
+        top_pos, top_all = max(top_pos, block_pos), max(top_all, block_all)
         counts = _count_block(block, lo[0], lo[1])
         nonzero += counts[0]
         negative += counts[1]
         below_pos += counts[2]
         below_neg += counts[3]
-        block_pos, block_all = _extrema_block(block)
-        top_pos, top_all = max(top_pos, block_pos), max(top_all, block_all)
         candidates = _gather_block(block, lo[0], hi[0], lo[1], hi[1], lo_any, span, offset + start,
                                    cand_bits, cand_idx, candidates)
     stats[0], stats[1], stats[2], stats[3] = nonzero, negative, below_pos, below_neg
