@@ -1,4 +1,4 @@
-"""numba kernels: the O(n) operator behind `prune_quant.clip_quantize`, and the layers' gradient hand-off.
+"""numba kernels: the O(n) operator behind `prune_quant.clip_quantize`, the baselines' gradient hand-off, bit packing.
 
 Same results as `prune_quant.clip_quantize_reference`, bit for bit: codes, clips and codebook (level
 sums are exact integer sums of mantissas per exponent, so their order does not matter).
