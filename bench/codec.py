@@ -6,9 +6,11 @@ The model: BVLC AlexNet's deploy (61M weights) with random Gaussian weights, com
 paper's Table 1 (p, b). Caffe reference: pycaffe `net.save(caffemodel)` and `caffe.Net(deploy,
 caffemodel)`. clipq: `clipq encode` (read the caffemodel, prune-quantize, pack, write .clipq) and
 `clipq decode` (read .clipq, unpack, write the plain caffemodel), and `clipq encode` of an exported
-model (weights already quantized: no operator, only the codec).
+model (weights already quantized: no operator, only the codec). Each clipq step is interleaved with its
+Caffe reference (as in bench/layer_overhead.py): ratio = median of the per-repetition ratios, with their
+min .. max.
 
-    .venv/bin/python bench/codec.py [--repeats 3]
+    .venv/bin/python bench/codec.py [--repeats 5]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layer_overhead import machine_line, median_ms  # noqa: E402
+from layer_overhead import interleaved, machine_line, row  # noqa: E402
 
 from clipq import caffe_io, compressed_model, plan  # noqa: E402
 
@@ -32,9 +34,10 @@ PLAN = REPO / "prototxt" / "alexnet" / "paper_params.yaml"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs of each step after a warm-up (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repetitions per row (>= 5)")
     args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5 (a median and a spread need them)")
     cf = caffe_io.caffe()
     cf.set_mode_cpu()
     print(machine_line())
@@ -48,23 +51,26 @@ def main(argv=None) -> int:
         weights, packed, decoded = tmp / "alexnet.caffemodel", tmp / "alexnet.clipq", tmp / "decoded.caffemodel"
         count = sum(b.data.size for blobs in net.params.values() for b in blobs)
         paper_plan = plan.load_plan(PLAN)
-        steps = {
-            "caffe save (net.save)": lambda: net.save(str(weights)),
-            "caffe load (caffe.Net)": lambda: cf.Net(str(DEPLOY), str(weights), cf.TEST),
-            "clipq encode": lambda: compressed_model.encode_file(DEPLOY, weights, packed, paper_plan),
-            "clipq decode": lambda: compressed_model.decode_file(packed, decoded),
-            "clipq encode (exported)": lambda: compressed_model.encode_file(DEPLOY, decoded, tmp / "re.clipq",
-                                                                            paper_plan),
-        }
-        times = {name: median_ms(step, args.repeats) / 1000 for name, step in steps.items()}
+
+        def save():
+            net.save(str(weights))
+
+        save()
+        pairs = [  # (row, Caffe's step, clipq's step); each clipq step reads what the rows before wrote
+            ("encode vs save", save, lambda: compressed_model.encode_file(DEPLOY, weights, packed, paper_plan)),
+            ("decode vs load", lambda: cf.Net(str(DEPLOY), str(weights), cf.TEST),
+             lambda: compressed_model.decode_file(packed, decoded)),
+            ("encode exported vs save", save,
+             lambda: compressed_model.encode_file(DEPLOY, decoded, tmp / "re.clipq", paper_plan)),
+        ]
         print(f"# AlexNet deploy, {count / 1e6:.1f}M parameters, random weights, paper Table 1 (p, b); "
-              f"median of {args.repeats}")
+              f"{args.repeats} repetitions, each step right after its Caffe reference (order alternating)")
+        print(f"{'step':<26}{'caffe ms':>10}{'clipq ms':>10}{'ratio':>9}  {'spread':<12}{'goal':>7}")
+        for name, reference, step in pairs:
+            step()  # warm-up (JIT compilation, page cache)
+            ref, cand = interleaved(reference, step, args.repeats, calls=1)
+            print(row(name, ref, cand, 1.0), flush=True)
         print(f"# caffemodel {weights.stat().st_size / 1e6:.1f} MB, .clipq {packed.stat().st_size / 1e6:.2f} MB")
-        print(f"{'step':<26}{'seconds':>9}{'vs caffe':>10}")
-        for name, seconds in times.items():
-            reference = times["caffe save (net.save)"] if "encode" in name or "save" in name \
-                else times["caffe load (caffe.Net)"]
-            print(f"{name:<26}{seconds:>9.2f}{seconds / reference:>9.2f}x")
     return 0
 
 
