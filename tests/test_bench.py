@@ -33,3 +33,15 @@ def test_fewer_than_five_repetitions_are_refused(layer_overhead, capsys):
     with pytest.raises(SystemExit):
         layer_overhead.main(["--repeats", "3"])
     assert "at least 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py")))
+def test_every_benchmark_starts(script):
+    """Each bench script imports what it needs (e.g. helpers shared with layer_overhead.py) and has --help."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    done = subprocess.run([sys.executable, str(bench / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage" in done.stdout
