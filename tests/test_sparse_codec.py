@@ -158,3 +158,11 @@ def test_encode_refuses_a_layer_the_reader_would_refuse():
     layer.type = "Normalize"
     with pytest.raises(ClipqError, match="layer 'bn': field 'type' is 'Normalize', not a Caffe layer type"):
         sparse_codec.encode([layer])
+
+
+def test_streams_from_codes_pick_the_width_the_gaps_give():
+    codes = (np.random.default_rng(1).random(50_000) < 0.03).astype(np.uint8) * 5
+    k, index, entries = sparse_codec.sparse_streams(codes, bits=3)
+    gaps = np.diff(np.flatnonzero(codes), prepend=-1) - 1
+    assert (k, index.size) == sparse_codec.index_bits_and_entries(gaps, bits=3)
+    assert np.array_equal((np.cumsum(index + 1) - 1)[entries != 0], np.flatnonzero(codes))

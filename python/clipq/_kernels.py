@@ -360,15 +360,22 @@ def codes_for_levels(w: np.ndarray, levels: np.ndarray) -> np.ndarray | None:
 
 @njit(cache=True)
 def pack_bits(values, width):
-    """Unsigned `width`-bit integers packed MSB first, padded to a byte (uint8 array)."""
+    """Unsigned `width`-bit integers (width <= 32) packed MSB first, padded to a byte (uint8 array).
+    Bits gather in a 64-bit accumulator and leave it a byte at a time."""
     out = np.zeros((values.size * width + 7) // 8, np.uint8)
-    bit = 0
+    mask = (np.uint64(1) << np.uint64(width)) - np.uint64(1)
+    acc = np.uint64(0)
+    held = 0
+    pos = 0
     for i in range(values.size):
-        v = values[i]
-        for b in range(width - 1, -1, -1):
-            if (v >> b) & 1:
-                out[bit >> 3] |= np.uint8(1 << (7 - (bit & 7)))
-            bit += 1
+        acc = (acc << np.uint64(width)) | (np.uint64(values[i]) & mask)
+        held += width
+        while held >= 8:
+            held -= 8
+            out[pos] = np.uint8((acc >> np.uint64(held)) & np.uint64(0xFF))
+            pos += 1
+    if held:
+        out[pos] = np.uint8((acc << np.uint64(8 - held)) & np.uint64(0xFF))
     return out
 
 
@@ -377,12 +384,51 @@ def filler_counts(gaps, max_bits):
     """fillers[k] = sum(gaps >> k) for k in 0..max_bits: the extra entries an index width k needs."""
     fillers = np.zeros(max_bits + 1, np.int64)
     for g in gaps:
-        for k in range(1, max_bits + 1):
-            shifted = g >> k
-            if shifted == 0:
-                break
-            fillers[k] += shifted
+        _add_fillers(g, fillers)
     return fillers
+
+
+@njit(cache=True)
+def _add_fillers(gap, fillers):
+    for k in range(1, fillers.size):
+        shifted = gap >> k
+        if shifted == 0:
+            break
+        fillers[k] += shifted
+
+
+@njit(cache=True)
+def gap_stats(codes, max_bits):
+    """(non-zero codes, fillers) of a flat code array, as `filler_counts` of its gaps, in one pass."""
+    fillers = np.zeros(max_bits + 1, np.int64)
+    last = -1
+    count = 0
+    for i in range(codes.size):
+        if codes[i]:
+            _add_fillers(i - last - 1, fillers)
+            last = i
+            count += 1
+    return count, fillers
+
+
+@njit(cache=True)
+def sparse_entries(codes, k, entries):
+    """The index and code streams of a flat code array with index width k (`entries` long): a gap of g
+    zeros before a stored code is g >> k filler entries (index 2^k - 1, code 0), then g mod 2^k."""
+    filler = (1 << k) - 1
+    index = np.full(entries, filler, np.int64)
+    code_entries = np.zeros(entries, np.int64)
+    last = -1
+    n = 0
+    for i in range(codes.size):
+        if codes[i]:
+            gap = i - last - 1
+            n += gap >> k  # the fillers are already in place
+            index[n] = gap & filler
+            code_entries[n] = codes[i]
+            n += 1
+            last = i
+    return index, code_entries
 
 
 @njit(cache=True)

@@ -90,10 +90,14 @@ def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
 
 def index_bits_and_entries(gaps: np.ndarray, bits: int) -> tuple[int, int]:
     """(k, entries) minimising entries * (k + bits), where a gap g needs g >> k filler entries."""
+    return _best_index_bits(gaps.size, _kernels.filler_counts(np.ascontiguousarray(gaps, np.int64), MAX_INDEX_BITS),
+                            bits)
+
+
+def _best_index_bits(stored: int, fillers: np.ndarray, bits: int) -> tuple[int, int]:
     best = None
-    fillers = _kernels.filler_counts(np.ascontiguousarray(gaps, np.int64), MAX_INDEX_BITS)
     for k in range(1, MAX_INDEX_BITS + 1):
-        entries = gaps.size + int(fillers[k])
+        entries = stored + int(fillers[k])
         size = entries * (k + bits)
         if best is None or size < best[0]:
             best = (size, k, entries)
@@ -102,15 +106,10 @@ def index_bits_and_entries(gaps: np.ndarray, bits: int) -> tuple[int, int]:
 
 def sparse_streams(codes: np.ndarray, bits: int) -> tuple[int, np.ndarray, np.ndarray]:
     """(k, index entries, code entries) for a flat uint8 code array (0 = zero weight)."""
-    positions = np.flatnonzero(codes)
-    gaps = np.diff(positions, prepend=-1) - 1
-    k, entries = index_bits_and_entries(gaps, bits)
-    fillers = gaps >> k
-    last = np.cumsum(fillers + 1) - 1          # where each stored weight's own entry goes
-    index = np.full(entries, (1 << k) - 1, np.int64)
-    index[last] = gaps - (fillers << k)
-    code_entries = np.zeros(entries, np.int64)
-    code_entries[last] = codes[positions]
+    codes = np.ascontiguousarray(codes, np.uint8)
+    stored, fillers = _kernels.gap_stats(codes, MAX_INDEX_BITS)
+    k, entries = _best_index_bits(stored, fillers, bits)
+    index, code_entries = _kernels.sparse_entries(codes, k, entries)
     return k, index, code_entries
 
 
