@@ -125,7 +125,6 @@ class _ClipQ(_WrappedLayer):
                                               previous=self.last)
 
 
-
 class _Masked(_WrappedLayer):
     KIND = "Masked"
 

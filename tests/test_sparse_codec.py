@@ -57,11 +57,18 @@ def test_long_gaps_get_filler_entries_with_code_zero():
     assert np.array_equal(positions[entries != 0], [0, 1, 40, 99])
 
 
+def codes_after_gaps(gaps: np.ndarray) -> np.ndarray:
+    """A flat code array whose non-zero codes follow runs of `gaps` zeros."""
+    codes = np.zeros(int(np.sum(gaps + 1)), np.uint8)
+    codes[np.cumsum(gaps + 1) - 1] = 5
+    return codes
+
+
 def test_index_width_minimises_the_layer_size():
     gaps = np.random.default_rng(0).geometric(0.05, 10_000) - 1
-    k, entries = sparse_codec.index_bits_and_entries(gaps, bits=4)
+    k, index, _ = sparse_codec.sparse_streams(codes_after_gaps(gaps), bits=4)
     sizes = {j: (gaps.size + np.sum(gaps >> j)) * (j + 4) for j in range(1, 25)}
-    assert sizes[k] == min(sizes.values()) and entries == gaps.size + np.sum(gaps >> k)
+    assert sizes[k] == min(sizes.values()) and index.size == gaps.size + np.sum(gaps >> k)
 
 
 @pytest.mark.parametrize("use_huffman", [False, True])
@@ -164,5 +171,6 @@ def test_streams_from_codes_pick_the_width_the_gaps_give():
     codes = (np.random.default_rng(1).random(50_000) < 0.03).astype(np.uint8) * 5
     k, index, entries = sparse_codec.sparse_streams(codes, bits=3)
     gaps = np.diff(np.flatnonzero(codes), prepend=-1) - 1
-    assert (k, index.size) == sparse_codec.index_bits_and_entries(gaps, bits=3)
+    sizes = {j: (gaps.size + np.sum(gaps >> j)) * (j + 3) for j in range(1, 25)}
+    assert sizes[k] == min(sizes.values()) and index.size == gaps.size + np.sum(gaps >> k)
     assert np.array_equal((np.cumsum(index + 1) - 1)[entries != 0], np.flatnonzero(codes))

@@ -39,7 +39,7 @@ SIGN_BIT = np.uint32(0x80000000)
 SAMPLE = 1 << 16
 GATHER_BLOCK = 64
 PARALLEL_MIN = 1 << 20  # below this many weights, threads cost more than they save (they contend with BLAS's)
-LANES = 4  # independent accumulators per interval in the dense code pass, to break add-latency chains
+LANES = 4  # independent accumulators per interval in the code pass, to break add-latency chains
 SCAN_BLOCK = 8192  # weights read from memory once per scan, then counted, searched and gathered in cache
 NEAR_ULPS = 1 << 14  # the previous clips' bracket: +- 2**14 units in the last place, +-0.2..0.4 %
 HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16
@@ -181,18 +181,6 @@ def _radix_low(bits, bounds, high_bin, hist):
 
 
 @njit(cache=True)
-def _last_tie_index(bits, threshold, sign, ties):
-    """Index of the `ties`-th weight (in blob order) of the given sign whose magnitude equals threshold."""
-    seen = 0
-    for i in range(bits.size):
-        if (bits[i] & ABS_MASK) == threshold and (bits[i] >> 31) == sign:
-            seen += 1
-            if seen == ties:
-                return i
-    return bits.size
-
-
-@njit(cache=True)
 def _interval(v, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg):
     """The reference's interval formula: first + clamp(floor((w - left) * inv), 0, last) on w's side
     (the side's numbers are selected, not branched to: signs are random)."""
@@ -286,9 +274,8 @@ def _keep_ties(w, bits, index, left_pos, inv_pos, first_pos, last_pos, left_neg,
                codes, sums, counts):
     """Give the kept weights that equal a clip (ties after the last pruned one) their codes."""
     for i in index:
-        code = _interval(np.float64(w[i]), left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg) + 1
-        codes[i] = code
-        _add_member(bits[i], code, 0, sums, counts)
+        _code_kept(w, bits, codes, i, left_pos, inv_pos, first_pos, last_pos, left_neg, inv_neg, last_neg, 0,
+                   sums, counts)
 
 
 @njit(cache=True)
@@ -380,16 +367,8 @@ def pack_bits(values, width):
 
 
 @njit(cache=True)
-def filler_counts(gaps, max_bits):
-    """fillers[k] = sum(gaps >> k) for k in 0..max_bits: the extra entries an index width k needs."""
-    fillers = np.zeros(max_bits + 1, np.int64)
-    for g in gaps:
-        _add_fillers(g, fillers)
-    return fillers
-
-
-@njit(cache=True)
 def _add_fillers(gap, fillers):
+    """fillers[k] += gap >> k for k in 1..: the extra entries a gap needs at index width k."""
     for k in range(1, fillers.size):
         shifted = gap >> k
         if shifted == 0:
@@ -399,7 +378,8 @@ def _add_fillers(gap, fillers):
 
 @njit(cache=True)
 def gap_stats(codes, max_bits):
-    """(non-zero codes, fillers) of a flat code array, as `filler_counts` of its gaps, in one pass."""
+    """(non-zero codes, fillers) of a flat code array in one pass: fillers[k] = sum(gap >> k) over the gaps
+    of zeros before each non-zero code, the extra entries an index width k needs."""
     fillers = np.zeros(max_bits + 1, np.int64)
     last = -1
     count = 0

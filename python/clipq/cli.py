@@ -374,13 +374,14 @@ def _search_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the subset and of the search (and, in compress, the fine-tuning's random_seed)")
     p.add_argument("--p-max", type=open_fraction, default=0.99, help="largest pruning rate searched (default 0.99)")
+    executor_arguments(p)
+
+
+def executor_arguments(p) -> None:
+    """Where the search evaluates (processes or Ray actors), shared by `search`, `compress`, `compare`, `zoo`
+    and `reproduce`."""
     p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
-                   help="parallel processes, or Ray workers with --ray (default: cores)")
-    ray_arguments(p)
-
-
-def ray_arguments(p) -> None:
-    """The search's Ray executor, shared by `search`, `compress`, `compare`, `zoo` and `reproduce`."""
+                   help="parallel search processes, or Ray workers with --ray (default: cores)")
     p.add_argument("--ray", metavar="ADDRESS",
                    help="evaluate on Ray actors: 'local' (a Ray on this machine, 127.0.0.1 only) or a cluster's "
                         "HEAD:PORT (`ray start --head`); the logs resume under either executor")
@@ -641,9 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=work_dir, help="work directory (default: ~/.cache/clipq/reproduce/NET[_smoke])")
     p.add_argument("--smoke", action="store_true", help="synthetic data, minutes on a CPU")
     p.add_argument("--paper-plan", action="store_true", help="use the paper's (p, b) (Tables 1-3) instead of searching")
-    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
-                   help="parallel search processes, or Ray workers with --ray")
-    ray_arguments(p)
+    executor_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     budget_arguments(p)
     p.set_defaults(func=_reproduce)

@@ -88,13 +88,8 @@ def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
 
 # --- one layer ---------------------------------------------------------------------------------
 
-def index_bits_and_entries(gaps: np.ndarray, bits: int) -> tuple[int, int]:
-    """(k, entries) minimising entries * (k + bits), where a gap g needs g >> k filler entries."""
-    return _best_index_bits(gaps.size, _kernels.filler_counts(np.ascontiguousarray(gaps, np.int64), MAX_INDEX_BITS),
-                            bits)
-
-
 def _best_index_bits(stored: int, fillers: np.ndarray, bits: int) -> tuple[int, int]:
+    """(k, entries) minimising entries * (k + bits), where entries = stored + fillers[k]."""
     best = None
     for k in range(1, MAX_INDEX_BITS + 1):
         entries = stored + int(fillers[k])

@@ -550,7 +550,7 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`clipq zoo`'s options (also sets the parser's description and epilog)."""
-    from clipq.cli import budget_arguments, nonnegative_float, positive_int, ray_arguments, work_dir
+    from clipq.cli import budget_arguments, executor_arguments, nonnegative_float, positive_int, work_dir
 
     parser.description, parser.epilog = DESCRIPTION, EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -581,9 +581,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--iterations", type=positive_int, default=50, help="search evaluations per layer (default 50)")
     train.add_argument("--subset", type=positive_int, default=5000,
                        help="training images per search evaluation (<= 100, or a multiple of 100; default 5000)")
-    train.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
-                       help="parallel search processes, or Ray workers with --ray")
-    ray_arguments(train)
+    executor_arguments(train)
     train.add_argument("--solver", type=Path,
                        help="fine-tune with this solver (needs --train-val); default: no fine-tuning")
     train.add_argument("--max-iter", type=positive_int, help="fine-tuning iterations (default: the solver's max_iter)")
