@@ -124,8 +124,8 @@ test-slow: install      ## also the slow end-to-end tier
 test-caffe: install     ## BVLC Caffe's own C++ tests (gtest, GPU tests filtered out), built in the cached Caffe tree
 	tools/test_caffe.sh
 
-prototxt: install       ## regenerate prototxt/ from python/clipq/nets.py
-	$(PY) -m clipq.nets
+prototxt: install       ## regenerate prototxt/ from python/clipq/caffe/nets.py
+	$(PY) -m clipq.caffe.nets
 
 clean:                  ## remove .venv and generated files (the caches under ~/.cache/clipq stay)
 	rm -rf $(VENV) cache .pytest_cache python/*.egg-info

@@ -25,7 +25,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_overhead import interleaved, machine_line, row  # noqa: E402
 
-from clipq import caffe_io, compressed_model, plan  # noqa: E402
+from clipq import plan
+from clipq.caffe import caffe_io
+from clipq.workflows import compressed_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "prototxt" / "alexnet" / "deploy.prototxt"

@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clipq import caffe_io, datasets, sparse_codec
+from clipq.caffe import caffe_io
+from clipq.data import datasets
+from clipq.storage import sparse_codec
 
 REPO = Path(__file__).resolve().parents[1]
 CLIPQ = REPO / ".venv" / "bin" / "clipq"

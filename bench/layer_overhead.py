@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clipq import caffe_io, convert, doctor, prune_quant
+from clipq.caffe import build, caffe_io, convert, nets
 from clipq.plan import LayerPlan
+from clipq.quant import prune_quant
 
 ALEXNET_FC = {"fc6": LayerPlan(0.96, 3), "fc7": LayerPlan(0.95, 3)}  # the paper's Table 1
 LENET5 = {"conv1": LayerPlan(0.2, 6), "conv2": LayerPlan(0.6, 4), "ip1": LayerPlan(0.9, 3), "ip2": LayerPlan(0.5, 4)}
@@ -48,8 +49,6 @@ layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "fc7" bottom: "label" top:
 
 def lenet5(batch: int) -> str:
     """Caffe's LeNet (prototxt/lenet5) on constant DummyData of Fashion-MNIST's shape."""
-    from clipq import nets
-
     body = caffe_io.caffe_pb2().NetParameter()
     deploy = nets.deploy("LeNet5", nets.lenet5_body, nets.FASHION_MNIST_DATA)
     body.CopyFrom(deploy)
@@ -123,12 +122,11 @@ def clipq_version(net_text: str, plan: dict, workdir: Path) -> str:
 def machine_line() -> str:
     import multiprocessing
 
-    import caffe
     import numba
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    stamp = doctor.read_build_stamp(Path(caffe.__file__).resolve().parents[2])
+    stamp = build.read_build_stamp()
     return (f"# machine: {cpu}, {multiprocessing.cpu_count()} cores | caffe {stamp.get('source_kind', '?')} "
             f"{stamp.get('commit', '?')[:7]} CPU | numpy {np.__version__} | numba {numba.__version__} "
             f"({numba.get_num_threads()} threads)")

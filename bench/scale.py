@@ -36,7 +36,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_overhead import machine_line  # noqa: E402
 
-from clipq import data_parallel, train  # noqa: E402
+from clipq.caffe import data_parallel, train
 
 REPO = Path(__file__).resolve().parents[1]
 NET = REPO / "prototxt" / "lenet5" / "train_val.prototxt"

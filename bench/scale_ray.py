@@ -2,13 +2,13 @@
 """Search throughput on Ray against the local executor, measured in the same run (the Ray half of
 bench/scale.py; the MPI half measures fine-tuning).
 
-Workload: `clipq search` (search.run) on LeNet-5 with random weights, its error measured on a subset of
+Workload: `clipq search` (driver.run) on LeNet-5 with random weights, its error measured on a subset of
 Fashion-MNIST training images (Debian's fashion-mnist package), 4 layers x --iterations evaluations each.
 Configurations: the local executor with --jobs 1 and 2 (processes, layers round robin) and Ray with 1 and
 2 workers (`--ray local`: one Ray on 127.0.0.1, started once, its start-up timed apart; actors are created
 per search, as processes are). With 4 layers and <= 2 workers every layer gets batches of 1, so every
 configuration does the same evaluations. Each run starts from empty logs; evaluations per second =
-evaluations / wall time of search.run, including process or actor start-up, net loading and the plots.
+evaluations / wall time of driver.run, including process or actor start-up, net loading and the plots.
 Every worker gets one BLAS thread (OMP/OPENBLAS_NUM_THREADS=1, what Ray gives its actors anyway), so the
 executors differ only in how work reaches the nets.
 
@@ -30,8 +30,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_overhead import machine_line  # noqa: E402
 
-from clipq import caffe_io, datasets, ray_executor, search  # noqa: E402
-from clipq.convert import compressible_layers  # noqa: E402
+from clipq.caffe import caffe_io
+from clipq.caffe.convert import compressible_layers  # noqa: E402
+from clipq.data import datasets
+from clipq.search import driver, gp, ray_executor
 
 REPO = Path(__file__).resolve().parents[1]
 LENET5 = REPO / "prototxt" / "lenet5"
@@ -58,16 +60,16 @@ def make_model(root: Path, images: int) -> tuple[Path, Path]:
     return model, weights
 
 
-def search_seconds(model: Path, weights: Path, out: Path, settings: search.SearchSettings, executor: str,
+def search_seconds(model: Path, weights: Path, out: Path, settings: gp.SearchSettings, executor: str,
                    workers: int) -> float:
     """Wall time of one search from empty logs (Ray: on the Ray this process is connected to)."""
     start = time.perf_counter()
-    search.run(model, weights, out, settings=settings, jobs=workers, progress=False, log=lambda message: None,
+    driver.run(model, weights, out, settings=settings, jobs=workers, progress=False, log=lambda message: None,
                ray=ray_executor.LOCAL if executor == "ray" else None)
     return time.perf_counter() - start
 
 
-def measure(model: Path, weights: Path, root: Path, settings: search.SearchSettings,
+def measure(model: Path, weights: Path, root: Path, settings: gp.SearchSettings,
             repeats: int) -> tuple[dict[tuple[str, int], list[float]], float]:
     """Evaluations per second of every configuration, `repeats` times each (interleaved, so a slow spell of a
     shared machine hits all of them), and the seconds Ray took to start."""
@@ -84,7 +86,7 @@ def measure(model: Path, weights: Path, root: Path, settings: search.SearchSetti
     return rates, ray_start
 
 
-def report(rates: dict[tuple[str, int], list[float]], ray_start: float, settings: search.SearchSettings) -> str:
+def report(rates: dict[tuple[str, int], list[float]], ray_start: float, settings: gp.SearchSettings) -> str:
     """The table: median and range of evaluations per second, and each median over local --jobs 1's."""
     import ray
 
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--subset", type=int, default=1000, help="images per evaluation")
     args = parser.parse_args(argv)
     os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")  # before Caffe loads OpenBLAS, here and in workers
-    settings = search.SearchSettings(iterations=args.iterations, initial=min(4, args.iterations),
+    settings = gp.SearchSettings(iterations=args.iterations, initial=min(4, args.iterations),
                                      subset=args.subset)
     with tempfile.TemporaryDirectory(prefix="clipq-scale-ray-") as tmp:
         model, weights = make_model(Path(tmp), args.subset)

@@ -29,10 +29,14 @@ weights are in Caffe's shapes. A layer whose input needs no gradient (a first la
 
 import caffe
 import numpy as np
+from google.protobuf import json_format
 
-from clipq import caffe_io, deep_compression, lc_prune, prune_quant, surgery
-from clipq._kernels import add_and_clear
-from clipq.plan import WRAPPED, LayerConfig, WrappedParam
+from clipq.caffe import caffe_io
+from clipq.caffe.param_str import WRAPPED, LayerConfig, WrappedParam
+from clipq.methods import deep_compression, dns, lc
+from clipq.methods.base import shared
+from clipq.quant import prune_quant
+from clipq.util.parallel import add_and_clear
 
 
 class _WrappedLayer(caffe.Layer):
@@ -46,8 +50,6 @@ class _WrappedLayer(caffe.Layer):
     STRAIGHT_THROUGH = False
 
     def setup(self, bottom, top):
-        from google.protobuf import json_format
-
         if len(bottom) != 1 or len(top) != 1:
             raise ValueError(f"{type(self).__name__} takes one bottom and one top, got {len(bottom)} and {len(top)}")
         self.parse(self.param_str)
@@ -149,7 +151,7 @@ class _Shared(_WrappedLayer):
         return [np.zeros(levels, np.float32)] + [np.array(a) for a in inner[1:]] + [codes]
 
     def forward_weights(self, out):
-        out[...] = deep_compression.shared(self.blobs[-1].data, self.blobs[0].data)
+        out[...] = shared(self.blobs[-1].data, self.blobs[0].data)
 
     def weight_gradient(self, grad):
         codebook = self.blobs[0]
@@ -169,14 +171,14 @@ class _Surgery(_WrappedLayer):
         mask, state = self.blobs[-2].data, self.blobs[-1].data
         if self.phase == caffe.TRAIN:  # the TEST net shares these blobs: it only reads them
             iteration = int(state[0])
-            chance = surgery.surgery_probability(iteration, float(self.options.get("gamma", surgery.GAMMA)),
-                                                 float(self.options.get("power", surgery.POWER)))
+            chance = dns.surgery_probability(iteration, float(self.options.get("gamma", dns.GAMMA)),
+                                                 float(self.options.get("power", dns.POWER)))
             # the draw depends on (seed, iteration) only, so a run resumed from a snapshot draws as the
             # uninterrupted one would
             draw = np.random.default_rng([int(self.options.get("seed", 0)), iteration]).random()
             if iteration < int(self.options["iter_stop"]) and draw < chance:
-                t = surgery.threshold(float(state[1]), float(state[2]), float(self.options["c_rate"]))
-                mask[...] = surgery.update_mask(self.blobs[0].data, mask, t)
+                t = dns.threshold(float(state[1]), float(state[2]), float(self.options["c_rate"]))
+                mask[...] = dns.update_mask(self.blobs[0].data, mask, t)
             state[0] = iteration + 1
         np.multiply(self.blobs[0].data, mask, out=out)
 
@@ -193,7 +195,7 @@ class _LC(_WrappedLayer):
 
     def weight_gradient(self, grad):
         w = self.blobs[0]
-        grad += lc_prune.penalty_gradient(w.data, self.blobs[-2].data, self.blobs[-1].data, float(self.options["mu"]))
+        grad += lc.penalty_gradient(w.data, self.blobs[-2].data, self.blobs[-1].data, float(self.options["mu"]))
         add_and_clear(w.diff, grad)
 
 

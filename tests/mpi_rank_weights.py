@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from clipq import data_parallel, prune_quant
+from clipq.caffe import data_parallel
+from clipq.quant import prune_quant
 
 solver_path, weights, out, p, bits = sys.argv[1:]
 comm = MPI.COMM_WORLD

@@ -1,4 +1,4 @@
-"""Plan files and param_str: pure Python, errors that name the file, layer and field."""
+"""Plan files: pure Python, errors that name the file, layer and field."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from clipq.errors import ClipqError
-from clipq.plan import LayerConfig, LayerPlan, load_plan, save_plan
+from clipq.plan import LayerPlan, load_plan, save_plan
+from clipq.util.errors import ClipqError
 
 
 def write(tmp_path, text, name="plan.yaml"):
@@ -60,20 +60,3 @@ def test_newer_plan_version_is_refused(tmp_path):
 def test_missing_plan_file_is_named(tmp_path):
     with pytest.raises(ClipqError, match="nope.yaml: cannot read plan"):
         load_plan(tmp_path / "nope.yaml")
-
-
-def test_param_str_round_trips():
-    config = LayerConfig(0.3, 4, "Convolution", {"num_output": 20, "kernel_size": [5]}, "conv1")
-    assert LayerConfig.from_param_str(config.to_param_str(), "Convolution") == config
-
-
-@pytest.mark.parametrize("text,message", [
-    ("p=0.3", "not JSON"),
-    ('{"p": 0.3, "bits": 3}', "'inner_product_param' (the wrapped layer's parameters) is missing"),
-    ('{"p": 0.3, "bits": 3, "inner_product_param": {}, "typo": 1}', "unknown key(s) ['typo']"),
-    ('{"p": -0.1, "bits": 3, "inner_product_param": {}}', "p must be a number in [0, 1)"),
-])
-def test_bad_param_str_is_a_value_error_naming_the_problem(text, message):
-    with pytest.raises(ValueError) as info:
-        LayerConfig.from_param_str(text, "InnerProduct")
-    assert message in str(info.value)

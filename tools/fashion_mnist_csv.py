@@ -11,9 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipq import datasets
-from clipq.atomic import atomic_write
-from clipq.errors import ClipqError
+from clipq.data import datasets
+from clipq.util.atomic import atomic_write
+from clipq.util.errors import ClipqError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipq import datasets, paths
-from clipq.errors import ClipqError
+from clipq.data import datasets
+from clipq.util import paths
+from clipq.util.errors import ClipqError
 
 
 def main(argv: list[str] | None = None) -> int:

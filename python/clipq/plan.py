@@ -1,4 +1,4 @@
-"""Per-layer pruning-quantization settings: the (p, b) plan file and the Python layers' param_str.
+"""Per-layer pruning-quantization settings: the (p, b) plan and its file.
 
 A plan file (YAML or JSON) names layers and their pruning rate `p` and bit width `b` (`bits`):
 
@@ -7,25 +7,23 @@ A plan file (YAML or JSON) names layers and their pruning rate `p` and bit width
       conv1: {p: 0.21, b: 8}
       fc6:   {p: 0.96, b: 3}
 
-Layers not listed stay plain Caffe layers. A CLIP-Q layer's `python_param.param_str` is JSON holding
-`p`, `bits` and the wrapped layer's whole parameter message (`convolution_param` or
-`inner_product_param`), so the layer is self-describing. Pure Python: no Caffe import.
+Layers not listed stay plain Caffe layers. How a plan reaches a Caffe layer (its `param_str`) is
+`caffe.param_str`'s business. Pure Python: no Caffe import.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from clipq.atomic import atomic_write
-from clipq.errors import ClipqError
-from clipq.prune_quant import MAX_BITS
+from clipq.quant.partition import MAX_BITS
+from clipq.util.atomic import atomic_write
+from clipq.util.errors import ClipqError
 
 PLAN_VERSION = 1
-WRAPPED = {"Convolution": "convolution_param", "InnerProduct": "inner_product_param"}
 
 
 @dataclass(frozen=True)
@@ -96,67 +94,3 @@ def save_plan(plan: dict[str, LayerPlan], path: str | Path, extra: dict | None =
             json.dump(doc, f, indent=2)
         else:
             yaml.safe_dump(doc, f, sort_keys=False, default_flow_style=None)
-
-
-@dataclass(frozen=True)
-class WrappedParam:
-    """What any clipq Python layer reads from its param_str: the wrapped layer's parameters, its name and
-    the method's options (JSON: {"<type>_param": {...}, "name": ..., option: value, ...})."""
-
-    type: str                      # wrapped Caffe layer type: Convolution | InnerProduct
-    param: dict                    # the wrapped *_param message, as protobuf's JSON mapping
-    name: str = ""                 # the layer's name (a Python layer cannot see it otherwise; for errors)
-    options: dict = field(default_factory=dict)
-
-    def to_param_str(self) -> str:
-        return json.dumps({**self.options, WRAPPED[self.type]: self.param, "name": self.name}, sort_keys=True)
-
-    @classmethod
-    def from_param_str(cls, text: str, layer_type: str, options: tuple[str, ...] | None = None,
-                       kind: str = "clipq") -> "WrappedParam":
-        """Parse; `options` lists the keys the layer accepts (None: any). Errors name the layer and key."""
-        try:
-            name = str(json.loads(text).get("name", "?"))
-        except (json.JSONDecodeError, AttributeError):
-            name = "?"
-        where = f"{kind} layer '{name}' ({layer_type}) param_str"
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a JSON object")
-        key = WRAPPED[layer_type]
-        if options is not None:
-            unknown = set(data) - {*options, key, "name"}
-            if unknown:
-                raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected {', '.join(options)}, "
-                                 f"{key}, name")
-        if key not in data or not isinstance(data[key], dict):
-            raise ValueError(f"{where}: '{key}' (the wrapped layer's parameters) is missing")
-        rest = {k: v for k, v in data.items() if k not in (key, "name")}
-        return cls(layer_type, data[key], name, rest)
-
-
-@dataclass(frozen=True)
-class LayerConfig:
-    """What a CLIP-Q Python layer reads from its param_str."""
-
-    p: float
-    bits: int
-    type: str                      # wrapped Caffe layer type: Convolution | InnerProduct
-    param: dict = field(default_factory=dict)  # the wrapped *_param message, as protobuf's JSON mapping
-    name: str = ""                 # the layer's name (a Python layer cannot see it otherwise; for errors)
-
-    def to_param_str(self) -> str:
-        return WrappedParam(self.type, self.param, self.name, {"p": self.p, "bits": self.bits}).to_param_str()
-
-    @classmethod
-    def from_param_str(cls, text: str, layer_type: str) -> "LayerConfig":
-        """Parse and validate; errors name the layer and the key."""
-        wrapped = WrappedParam.from_param_str(text, layer_type, ("p", "bits"), "CLIP-Q")
-        try:
-            lp = LayerPlan(wrapped.options.get("p"), wrapped.options.get("bits"))
-        except ValueError as e:
-            raise ValueError(f"CLIP-Q layer '{wrapped.name}' ({layer_type}) param_str: {e}") from None
-        return cls(lp.p, lp.bits, layer_type, wrapped.param, wrapped.name)

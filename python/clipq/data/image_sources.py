@@ -1,0 +1,284 @@
+"""A user's labelled images, in the forms people keep them, as one list of examples for `clipq data`.
+
+Kinds (chosen by `detect`): numpy `.npy` (images, with `--labels` another `.npy`) or `.npz` (an images and a
+labels array), CSV (one row per image: a label column, first or last, then the pixels), IDX (MNIST's format,
+gzipped or not, with `--labels` its label file), a folder with one subfolder per class, and a Caffe list file
+(`relative/path.jpg LABEL` per line, as `convert_imageset` reads). Images are loaded lazily, one at a time,
+so a folder of photos is never all in memory; every error names the file (and line or index) at fault.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from clipq.util.errors import ClipqError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+IMAGE_KEYS = ("images", "x", "X", "data", "x_train")
+LABEL_KEYS = ("labels", "y", "Y", "label", "targets", "y_train")
+KINDS = ("npy", "npz", "csv", "idx", "folder", "list")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled image: where it comes from (for messages) and how to load it as (C, H, W) uint8."""
+
+    origin: str
+    label: int
+    load: Callable[[], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Every example of an input, with the class names (index = label)."""
+
+    kind: str
+    examples: list[Example]
+    classes: list[str]
+
+
+def detect(path: Path) -> str:
+    """The kind of input at `path`, from what it is and its name."""
+    if path.is_dir():
+        return "folder"
+    if not path.is_file():
+        raise ClipqError(f"{path}: no such file or directory (the images to import)")
+    name = path.name.lower().removesuffix(".gz")
+    for suffix, kind in ((".npy", "npy"), (".npz", "npz"), (".csv", "csv"), (".txt", "list"), (".list", "list")):
+        if name.endswith(suffix):
+            return kind
+    if "idx" in name or name.endswith("-ubyte"):
+        return "idx"
+    raise ClipqError(f"{path}: cannot tell what kind of input this is from its name; give --kind "
+                     f"({', '.join(KINDS)})")
+
+
+def load(path: Path, kind: str | None = None, labels: Path | None = None, label_column: str = "first",
+         shape: tuple[int, int, int] | None = None, root: Path | None = None) -> Source:
+    """The examples of `path` (see the module docstring for the kinds and their options)."""
+    kind = kind or detect(path)
+    if kind in ("npy", "idx") and labels is None:
+        raise ClipqError(f"{path}: a {kind} file holds only images; give their labels with --labels")
+    if kind == "npy":
+        return _from_arrays(path, _npy(path), _npy(labels), labels, "npy")
+    if kind == "npz":
+        return _from_npz(path)
+    if kind == "idx":
+        return _from_arrays(path, read_idx(path), read_idx(labels), labels, "idx")
+    if kind == "csv":
+        return _from_csv(path, label_column, shape)
+    if kind == "folder":
+        return _from_folder(path)
+    if kind == "list":
+        return _from_list(path, root or path.parent)
+    raise ClipqError(f"unknown --kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def _npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ClipqError(f"{path}: not a readable .npy file ({e})") from None
+
+
+def _from_npz(path: Path) -> Source:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ClipqError(f"{path}: not a readable .npz file ({e})") from None
+    with archive:
+        keys = list(archive.keys())
+        image_key = next((k for k in IMAGE_KEYS if k in keys), None)
+        label_key = next((k for k in LABEL_KEYS if k in keys), None)
+        if image_key is None or label_key is None:
+            raise ClipqError(f"{path}: holds arrays {keys}; expected images under one of {list(IMAGE_KEYS)} and "
+                             f"labels under one of {list(LABEL_KEYS)}")
+        images, labels = archive[image_key], archive[label_key]
+    return _from_arrays(path, images, labels, f"{path}[{label_key}]", "npz")
+
+
+def _from_arrays(path: Path, images: np.ndarray, labels: np.ndarray, labels_from, kind: str) -> Source:
+    """Examples of an (N, H, W), (N, C, H, W) or (N, H, W, C) array and N labels."""
+    chw = to_chw(images, str(path))
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != len(chw):
+        raise ClipqError(f"{labels_from}: {labels.shape} labels for {len(chw)} images in {path}; expected one "
+                         f"label per image")
+    ids, classes = label_ids(labels.tolist(), str(labels_from))
+    examples = [Example(f"{path}[{i}]", ids[i], lambda i=i: chw[i]) for i in range(len(chw))]
+    return Source(kind, examples, classes)
+
+
+def to_chw(images: np.ndarray, where: str) -> np.ndarray:
+    """(N, C, H, W) uint8 from grey (N, H, W) or colour (N, C, H, W) / (N, H, W, C) images; floats in [0, 1]
+    are scaled by 255 (a channel axis of size 1 or 3 is looked for after the images' axis, then last)."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[1] not in (1, 3) and images.shape[3] in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    elif images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ClipqError(f"{where}: images of shape {images.shape}; expected (N, H, W) grey or (N, C, H, W) / "
+                         f"(N, H, W, C) with 1 or 3 channels")
+    if images.dtype == np.uint8:
+        return images
+    if images.dtype.kind == "f" and images.size and 0 <= images.min() and images.max() <= 1:
+        return np.rint(images * 255).astype(np.uint8)
+    if images.dtype.kind in "iuf" and (not images.size or (images.min() >= 0 and images.max() <= 255)):
+        if images.dtype.kind == "f" and not np.array_equal(images, np.rint(images)):
+            raise ClipqError(f"{where}: float pixels that are neither in [0, 1] nor whole numbers 0..255")
+        return images.astype(np.uint8)
+    raise ClipqError(f"{where}: pixels of type {images.dtype} in {images.min()}..{images.max()}; expected 0..255 "
+                     f"(or floats in [0, 1])")
+
+
+def label_ids(labels: list, where: str) -> tuple[list[int], list[str]]:
+    """Integer labels for Caffe (0..K-1) and the class names: whole numbers >= 0 are kept as they are
+    (classes "0".."max"), anything else (names, negative numbers) is numbered in sorted order."""
+    if not labels:
+        return [], []
+    as_int = [_whole(x) for x in labels]
+    if all(x is not None and x >= 0 for x in as_int):
+        return as_int, [str(i) for i in range(max(as_int) + 1)]
+    names = sorted({str(x) for x in labels})
+    index = {name: i for i, name in enumerate(names)}
+    return [index[str(x)] for x in labels], names
+
+
+def _whole(x) -> int | None:
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        return None
+    return int(value) if value.is_integer() else None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (MNIST's format), gzipped or not; header checked against the payload."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as e:
+        raise ClipqError(f"{path}: cannot read ({e})") from None
+    return parse_idx(raw, path)
+
+
+def parse_idx(raw: bytes, path) -> np.ndarray:
+    """The array of an IDX file's bytes (unsigned bytes; big-endian header: magic 0x0008 + ndim, the dims),
+    the header checked against the payload; errors name `path`."""
+    if len(raw) < 4 or raw[:3] != b"\0\0\x08":
+        raise ClipqError(f"{path}: not an IDX file of unsigned bytes (magic 0x0008..)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ClipqError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        raise ClipqError(f"{path}: {len(raw)} bytes, header promises {expected} (corrupt or truncated)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _from_csv(path: Path, label_column: str, shape: tuple[int, int, int] | None) -> Source:
+    """Rows of `label, pixel...` (label_column "first") or `pixel..., label` ("last"); a header row is skipped."""
+    labels, rows = [], []
+    with _open_text(path) as f:
+        for line, row in enumerate(csv.reader(f), 1):
+            if not row or (line == 1 and not _numeric(row[-1 if label_column == "first" else 0])):
+                continue  # a blank line, or the header
+            label, pixels = (row[0], row[1:]) if label_column == "first" else (row[-1], row[:-1])
+            try:
+                rows.append(np.array(pixels, dtype=np.float64))
+            except ValueError:
+                raise ClipqError(f"{path}:{line}: a pixel is not a number (label column: {label_column})") from None
+            if len(rows[-1]) != len(rows[0]):
+                raise ClipqError(f"{path}:{line}: {len(rows[-1])} pixels, but the first row has {len(rows[0])}")
+            if label.strip() == "":
+                raise ClipqError(f"{path}:{line}: missing label ({label_column} column)")
+            labels.append(label.strip())
+    if not rows:
+        raise ClipqError(f"{path}: no data rows")
+    shape = shape or _square_shape(len(rows[0]), path)
+    if int(np.prod(shape)) != len(rows[0]):
+        raise ClipqError(f"{path}: {len(rows[0])} pixels per row do not make --shape {'x'.join(map(str, shape))}")
+    images = np.stack(rows).reshape((len(rows),) + tuple(shape))
+    return _from_arrays(path, images, np.array(labels), f"{path} ({label_column} column)", "csv")
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _square_shape(pixels: int, path: Path) -> tuple[int, int, int]:
+    for channels in (1, 3):
+        side = int(round((pixels / channels) ** 0.5))
+        if side * side * channels == pixels:
+            return channels, side, side
+    raise ClipqError(f"{path}: {pixels} pixels per row are not a square grey or colour image; give --shape C,H,W")
+
+
+def _open_text(path: Path):
+    try:
+        return io.TextIOWrapper(gzip.open(path), newline="") if path.suffix == ".gz" else open(path, newline="")
+    except OSError as e:
+        raise ClipqError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _from_folder(path: Path) -> Source:
+    """ROOT/<class>/<image>: classes are the subfolders in sorted order."""
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ClipqError(f"{path}: no subfolders; expected one folder of images per class")
+    examples = []
+    for label, name in enumerate(classes):
+        files = sorted(f for f in (path / name).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        if not files:
+            raise ClipqError(f"{path / name}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this class folder")
+        examples += [Example(str(f), label, lambda f=f: read_image(f)) for f in files]
+    return Source("folder", examples, classes)
+
+
+def _from_list(path: Path, root: Path) -> Source:
+    """Caffe's list file: `relative/path LABEL` per line, paths relative to `root`."""
+    entries = []
+    with _open_text(path) as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            name, _, label = text.strip().rpartition(" ")
+            if not name or _whole(label) is None or int(label) < 0:
+                raise ClipqError(f"{path}:{line}: expected 'relative/path LABEL' with a whole LABEL >= 0, "
+                                 f"got {text.strip()!r}")
+            entries.append((root / name.strip(), int(label)))
+    if not entries:
+        raise ClipqError(f"{path}: no entries")
+    classes = [str(i) for i in range(max(label for _, label in entries) + 1)]
+    examples = [Example(str(f), label, lambda f=f: read_image(f)) for f, label in entries]
+    return Source("list", examples, classes)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as (C, H, W) uint8: grey images (and grey with alpha) 1 channel, everything else RGB."""
+    try:
+        with Image.open(path) as image:
+            grey = image.mode in ("1", "L", "LA", "I", "I;16", "F")
+            image = image.convert("L" if grey else "RGB")
+            array = np.asarray(image)
+    except FileNotFoundError:
+        raise ClipqError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ClipqError(f"{path}: not a readable image ({e})") from None
+    return array[None] if grey else array.transpose(2, 0, 1)

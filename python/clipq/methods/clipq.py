@@ -1,0 +1,93 @@
+"""CLIP-Q (section 3) as a method: one fine-tuning phase of ClipQ layers at the plan's (p, b), the operator
+recomputed every minibatch; its uniform variant (one (p, b) for every layer) and its sequential ablation
+(prune with CLIP-Q's clip mask, retrain, then quantize with CLIP-Q's intervals), for `clipq compare`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from clipq.methods.base import LayerRole, Method, OperatingPoint, Phase, Plan, PruneThenShare, Stored, plan_label
+from clipq.methods.registry import METHODS
+from clipq.plan import LayerPlan
+from clipq.quant import prune_quant
+
+
+@METHODS.register
+@dataclass
+class ClipQ(Method):
+    """CLIP-Q: one phase of ClipQ layers at the plan's (p, b). In `clipq compare` it runs at the plans of the
+    search's lambda path nearest the target rates (the baselines are placed at their sizes)."""
+
+    NAME = "clipq"
+    LABEL = "CLIP-Q (searched)"
+    LAYER_KINDS = ("ClipQ",)
+
+    plan: Plan = field(default_factory=dict)
+
+    def layers(self):
+        return list(self.plan)
+
+    def phases(self):
+        roles = {n: LayerRole("ClipQ", {"p": float(lp.p), "bits": int(lp.bits)}) for n, lp in self.plan.items()}
+        return [Phase("finetune", 1.0, roles, None)]
+
+    def export(self, blobs):
+        out = {}
+        for n, lp in self.plan.items():
+            q = prune_quant.clip_quantize(blobs[n][0], lp.p, lp.bits)
+            out[n] = Stored(q.codes, q.codebook, lp.bits)
+        return out
+
+    @classmethod
+    def operating_points(cls, place):
+        return [OperatingPoint(f"CLIP-Q point {i}", f"{place.rate(p):.0f}x plan: {plan_label(p)}",
+                               lambda p=p: cls(cls.NAME, {"plan": plan_label(p)}, plan=p))
+                for i, p in enumerate(place.clipq_plans, 1)]
+
+
+@METHODS.register
+@dataclass
+class UniformClipQ(ClipQ):
+    """CLIP-Q with one (p, b) for every layer: b the kept-weighted mean of CLIP-Q's plan, p chosen by size."""
+
+    NAME = "uniform"
+    LABEL = "CLIP-Q, uniform (p, b)"
+
+    @classmethod
+    def operating_points(cls, place):
+        points = []
+        for slot, tag, target, plan in place.targets():
+            kept = {n: np.size(place.weights[n]) * (1 - lp.p) for n, lp in plan.items()}
+            bits = round(sum(kept[n] * lp.bits for n, lp in plan.items()) / sum(kept.values()))
+            p = 1 - place.bisect(lambda k: {n: LayerPlan(min(1 - k, 0.9999), bits) for n in place.layers},
+                                 target, 1e-4, 1.0)
+            uniform = {n: LayerPlan(round(min(p, 0.9999), 4), bits) for n in place.layers}
+            points.append(OperatingPoint(slot, f"{tag}: p {p:.3f}, b {bits}",
+                                         lambda u=uniform: cls(cls.NAME, {"plan": plan_label(u)}, plan=u)))
+        return points
+
+
+@METHODS.register
+@dataclass
+class Sequential(PruneThenShare):
+    """The sequential ablation: CLIP-Q's clip mask, retraining, then CLIP-Q's linear intervals at the same
+    (p, b); in `clipq compare` at CLIP-Q's plans themselves."""
+
+    NAME = "sequential"
+    LABEL = "prune, then quantize"
+
+    def mask(self, name, w):
+        lp = self.plan[name]
+        return prune_quant.clip_quantize(w, lp.p, lp.bits).mask
+
+    def share(self, name, w, mask):
+        q = prune_quant.quantize_kept(w, mask, self.plan[name].bits)
+        return q.codes, q.codebook
+
+    @classmethod
+    def operating_points(cls, place):
+        return [OperatingPoint(slot, f"{tag}: CLIP-Q's plan",
+                               lambda p=plan: cls(cls.NAME, {"plan": plan_label(p)}, plan=p))
+                for slot, tag, _, plan in place.targets()]

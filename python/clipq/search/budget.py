@@ -1,0 +1,207 @@
+"""The accuracy budget (`--max-drop`): the smallest plan whose decoded model stays within a top-1 drop.
+
+The search's objective eps(theta) - lambda * c_i(theta) is the Lagrangian of "minimise the size subject
+to a bound on the summed search error": lambda is the multiplier. Each evaluation the search logged is an
+(error, benefit) point whatever lambda the search ran with, so every lambda picks, per layer, the logged
+point with the lowest objective. As lambda grows from 0 the picks only move to larger benefits, so the
+distinct plans form a path ordered from the largest model to the smallest (`lagrangian_path`).
+
+The budget is then a bisection over that path in log size (`next_candidate`): a round fine-tunes one plan
+in Caffe, decodes it and measures its top-1 drop on held-out validation data; a plan that meets the
+budget moves the bisection towards smaller plans, one that misses it towards larger ones. Where the path
+leaves a wide gap between two neighbours, the plan halfway between them is tried too. A round meets the budget when
+its validation drop plus `se_margin` standard errors of that drop (paired over the same images,
+`paired_drop`) is at most the budget, so that the result also holds on data it was not chosen on.
+Pure numpy: no Caffe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipq.plan import LayerPlan, rounded_rate
+from clipq.search.gp import Evaluation
+
+
+@dataclass(frozen=True)
+class PathPlan:
+    """One plan of the path: the chosen evaluation per layer and the lambda interval that picks it."""
+
+    index: int
+    lam_low: float
+    lam_high: float  # math.inf for the last plan
+    picks: dict[str, Evaluation]
+
+    @property
+    def plan(self) -> dict[str, LayerPlan]:
+        return {name: LayerPlan(e.p, e.bits) for name, e in self.picks.items()}
+
+    @property
+    def benefit(self) -> float:
+        """The share of the net's float32 bits the plan saves, by the search's (exact) size accounting."""
+        return sum(e.benefit for e in self.picks.values())
+
+
+def _picks(errors: np.ndarray, benefits: np.ndarray, lams: np.ndarray) -> np.ndarray:
+    """Index of the lowest objective for every lambda (the first among equals, as `search.best`)."""
+    return np.argmin(errors[None, :] - lams[:, None] * benefits[None, :], axis=1)
+
+
+def _transitions(errors: np.ndarray, benefits: np.ndarray) -> np.ndarray:
+    """Every lambda > 0 at which two points of a layer have equal objectives."""
+    de = errors[:, None] - errors[None, :]
+    db = benefits[:, None] - benefits[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lam = de / db
+    return lam[(db > 0) & (lam > 0) & np.isfinite(lam)]
+
+
+def lagrangian_path(histories: dict[str, list[Evaluation]]) -> list[PathPlan]:
+    """The distinct plans picked as lambda goes from 0 to infinity, largest model first."""
+    arrays = {name: (np.array([e.error for e in h]), np.array([e.benefit for e in h]))
+              for name, h in histories.items()}
+    cuts = np.unique(np.concatenate([_transitions(*a) for a in arrays.values()] + [np.zeros(0)]))
+    bounds = np.concatenate([[0.0], cuts, [math.inf]])
+    # One lambda inside every interval between consecutive transitions (picks are constant there).
+    probes = np.where(np.isinf(bounds[1:]), 2 * bounds[:-1] + 1, (bounds[:-1] + bounds[1:]) / 2)
+    choice = np.stack([_picks(*arrays[name], probes) for name in histories], axis=1)
+    path: list[PathPlan] = []
+    for row, low, high in zip(choice, bounds[:-1], bounds[1:]):
+        picks = {name: histories[name][i] for name, i in zip(histories, row)}
+        if path and all(path[-1].picks[n] is picks[n] for n in histories):
+            path[-1] = PathPlan(path[-1].index, path[-1].lam_low, float(high), path[-1].picks)
+        else:
+            path.append(PathPlan(len(path), float(low), float(high), picks))
+    return path
+
+
+def index_for_lambda(path: list[PathPlan], lam: float) -> int:
+    """The path's plan that `lam` picks."""
+    return next(p.index for p in path if p.lam_low <= lam < p.lam_high)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Top-1 drop of a model against the baseline on the same images, in points, with its standard error."""
+
+    points: float
+    se: float
+
+    def upper(self, se_margin: float) -> float:
+        return self.points + se_margin * self.se
+
+
+def paired_drop(baseline_correct: np.ndarray, model_correct: np.ndarray) -> Drop:
+    """Baseline top-1 minus the model's, in points, and the standard error of that paired difference."""
+    base = np.asarray(baseline_correct, dtype=float)
+    model = np.asarray(model_correct, dtype=float)
+    if base.shape != model.shape or base.size == 0:
+        raise ValueError(f"per-image results differ in shape: {base.shape} vs {model.shape}")
+    diff = base - model
+    se = diff.std(ddof=1) / math.sqrt(diff.size) if diff.size > 1 else 0.0
+    return Drop(100.0 * float(diff.mean()), 100.0 * float(se))
+
+
+def meets(drop: Drop, max_drop: float, se_margin: float) -> bool:
+    return drop.upper(se_margin) <= max_drop
+
+
+def relative_sizes(path: list[PathPlan]) -> list[float]:
+    """Each plan's size as a share of the float32 net, by the search's (exact) size accounting."""
+    return [max(1.0 - entry.benefit, 1e-12) for entry in path]
+
+
+def bracket(length: int, results: dict[int, bool]) -> tuple[int, int]:
+    """(low, high): the smallest model known to meet the budget (-1: none) and the largest smaller one known
+    to miss it (`length`: none). Results need not be monotone: the bracket is taken above the best success."""
+    low = max((i for i, ok in results.items() if ok), default=-1)
+    high = min((i for i, ok in results.items() if not ok and i > low), default=length)
+    return low, high
+
+
+def next_index(sizes: list[float], results: dict[int, bool]) -> int | None:
+    """The next index to try given the plans' sizes (decreasing) and {index: met the budget}, or None when
+    no untried plan is left inside the bracket.
+
+    The next plan is the one nearest the bracket's geometric middle in size, so that every round halves the
+    log-size range whatever the path's density (its small end holds many plans of nearly equal size).
+    """
+    low, high = bracket(len(sizes), results)
+    candidates = range(low + 1, high)
+    if not candidates:
+        return None
+    log_size = np.log(sizes)
+    large = log_size[low] if low >= 0 else log_size[candidates[0]]
+    small = log_size[high] if high < len(sizes) else log_size[candidates[-1]]
+    middle = (large + small) / 2
+    return min(candidates, key=lambda i: (abs(log_size[i] - middle), i))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A plan the budget may fine-tune: one of the path's, or one interpolated between two neighbours."""
+
+    plan: dict[str, LayerPlan]
+    size: float   # share of the float32 size (the search's accounting; a geometric mean if interpolated)
+    origin: str   # where it comes from, for the report
+
+    @property
+    def key(self) -> tuple:
+        return tuple((name, rounded_rate(lp.p), lp.bits) for name, lp in sorted(self.plan.items()))
+
+
+def path_candidates(path: list[PathPlan]) -> list[Candidate]:
+    return [Candidate(entry.plan, size, f"lambda path {entry.index + 1}/{len(path)}")
+            for entry, size in zip(path, relative_sizes(path))]
+
+
+def interpolate(larger: Candidate, smaller: Candidate) -> Candidate | None:
+    """The plan halfway between two plans: every layer that differs keeps the geometric mean of their kept
+    shares (1 - p) and the mean of their bit widths. None when that equals one of the two."""
+    plan = {}
+    for name, a in larger.plan.items():
+        b = smaller.plan[name]
+        kept = math.sqrt((1 - a.p) * (1 - b.p))
+        plan[name] = a if a == b else LayerPlan(rounded_rate(1 - kept), int(math.floor((a.bits + b.bits) / 2 + 0.5)))
+    middle = Candidate(plan, math.sqrt(larger.size * smaller.size), "between two neighbours of the path")
+    return None if middle.key in (larger.key, smaller.key) else middle
+
+
+def densified(candidates: list[Candidate], ratio: float = 1.5, rounds: int = 4) -> list[Candidate]:
+    """The candidates with plans interpolated between neighbours whose sizes differ by more than `ratio`
+    (again between the new neighbours, up to `rounds` times): operating points where the path has gaps."""
+    out = list(candidates)
+    for _ in range(rounds):
+        filled = [out[0]] if out else []
+        for larger, smaller in zip(out, out[1:]):
+            middle = interpolate(larger, smaller) if larger.size > ratio * smaller.size else None
+            filled += [middle, smaller] if middle is not None else [smaller]
+        if len(filled) == len(out):
+            break
+        out = filled
+    return out
+
+
+def next_candidate(candidates: list[Candidate], met: dict[tuple, bool],
+                   refine_ratio: float = 1.25) -> int | None:
+    """The position of the next plan to fine-tune in `candidates` (which it may extend), or None when done.
+
+    Bisects the candidates in log size; when the bracket closes between two neighbours whose sizes differ
+    by more than `refine_ratio`, the plan halfway between them is inserted and tried: the search's
+    evaluations are sparse where the error rises steeply, and the fine-tuning decides, not the search.
+    """
+    results = {i: met[c.key] for i, c in enumerate(candidates) if c.key in met}
+    index = next_index([c.size for c in candidates], results)
+    if index is not None:
+        return index
+    low, high = bracket(len(candidates), results)
+    if low < 0 or high >= len(candidates) or candidates[low].size < refine_ratio * candidates[high].size:
+        return None
+    middle = interpolate(candidates[low], candidates[high])
+    if middle is None or middle.key in met:
+        return None
+    candidates.insert(high, middle)
+    return high

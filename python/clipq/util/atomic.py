@@ -1,0 +1,111 @@
+"""Write outputs so that a crash or Ctrl-C never leaves a half-written file or directory behind.
+
+A temporary is named `.NAME.XXXXXXXX.tmp` next to its target (a replaced directory briefly becomes
+`.NAME.old-PID`); only SIGKILL or a power cut can leave one, and `remove_stale_temporaries` clears them
+when a run takes its output directory. Outputs get the modes of ordinary files (0666, 0777 for
+directories, less the umask), not mkstemp's 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+TEMPORARY_RE = re.compile(r"\..+\.([a-z0-9_]{8}\.tmp|old-\d+)")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temp file next to `path`; on success rename it over `path`, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if e.filename is None:  # a failed write (a full disk) names no file: name the output
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp directory next to `path`; on success it replaces `path` (old content removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a path for another program to write (a file or a directory; e.g. one of Caffe's tools), inside a
+    temp directory next to `path`; on success what it wrote replaces `path`, on error it is deleted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield holder / path.name
+        _replace(holder / path.name, path)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def _replace(new: Path, path: Path) -> None:
+    """Rename `new` over `path`. A file replaces a file in one rename; where either is a directory, what is at
+    `path` is first moved aside (rename cannot replace a directory), then removed."""
+    old = None
+    if os.path.lexists(path) and (new.is_dir() or path.is_dir()):
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(new, path)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries a killed writer left under `directory` (call only while no other process
+    writes there, e.g. holding its lock); return what was removed. Hidden directories are not entered."""
+    removed = []
+    for root, dirs, files in os.walk(directory):
+        for name in files + dirs:
+            if TEMPORARY_RE.fullmatch(name):
+                path = Path(root) / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(path)
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+    return removed
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it before Python 3.13; set back at once
+    os.umask(mask)
+    return mask

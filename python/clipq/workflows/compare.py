@@ -1,0 +1,240 @@
+"""`clipq compare`: CLIP-Q next to Deep Compression, Dynamic Network Surgery, Learning-Compression
+pruning, the sequential ablation and uniform CLIP-Q, on one net, in one protocol (the paper's Table 4
+question asked on a net a CPU can train).
+
+Protocol: the same baseline caffemodel; the same fine-tuning solver and the same total number of
+iterations for every method (a method with several phases runs the solver's schedule compressed into
+each phase); the same `.clipq` codec for every result; the same held-out validation LMDB for the search
+and for every fine-tuning's monitor; the test set only for the final numbers.
+
+Operating points. CLIP-Q: plans of the search's Lagrangian path (`budget`) nearest to the target rates.
+Every baseline is placed at the *size* of CLIP-Q's smaller points by its own size knob (each method's
+`operating_points`, in `clipq.methods`), bisected until its plan, encoded from the baseline weights, is as
+large as CLIP-Q's: Deep Compression scales its paper's per-layer kept fractions at its paper's bits (and
+also runs the paper's setting as published); DNS scales its paper's per-layer kept fractions, each turned
+into a c_rate on the baseline weights; LC chooses the global kappa; uniform CLIP-Q takes one (p, b) for
+every layer; the sequential ablation takes CLIP-Q's plans themselves. Sizes after training move a little
+(DNS and LC decide their own sparsity); the table reports real bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from clipq.caffe import caffe_io, caffemodel
+from clipq.methods import METHODS
+from clipq.methods.base import Method, Placement
+from clipq.plan import LayerPlan, load_plan
+from clipq.search import budget
+from clipq.search.log import read_histories
+from clipq.storage import size, sparse_codec
+from clipq.util.atomic import atomic_write
+from clipq.util.errors import ClipqError
+from clipq.util.figures import pyplot, save_png
+from clipq.util.lock import output_directory
+from clipq.workflows import compressed_model, pipeline
+
+# The paper's Table 4 (AlexNet on ImageNet): method, top-1 change, size (Huffman-coded in brackets).
+PAPER_TABLE4 = [
+    ("Uncompressed", "-", "243.9 MB"), ("Dynamic Network Surgery", "-0.2%", "13.8 MB"),
+    ("Deep Compression", "+0.0%", "8.9 (6.9) MB"), ("Deep Compression + Weighted-Entropy Quantization", "-0.8%",
+                                                   "8.3 (6.5) MB"),
+    ("Binary-Weight-Networks", "+0.1%", "7.6 MB"), ("CLIP-Q", "+0.7%", "4.8 MB"),
+]
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    compress: pipeline.CompressConfig   # model, weights, solver, val, out, search settings, progress
+    targets: tuple[float, ...] = (30.0, 60.0, 120.0)  # CLIP-Q's points: the path plans nearest these rates
+    matched: int = 2                    # baselines at the sizes of CLIP-Q's `matched` smallest points
+    methods: tuple[str, ...] = METHODS.names()
+    options: dict[str, dict] = field(default_factory=dict)  # per method: its knobs (e.g. {"lc": {"steps": 5}})
+
+    def check(self) -> None:
+        self.compress.check()
+        if self.compress.val is None:
+            raise ClipqError("clipq compare needs --val LMDB: the search and the fine-tuning monitor held-out images")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ClipqError(f"--methods: unknown method(s) {', '.join(sorted(unknown))}; known: "
+                             f"{', '.join(METHODS.names())}")
+        if "clipq" not in self.methods:
+            raise ClipqError("--methods must include clipq: the other methods are placed at its sizes")
+        if not self.targets or any(t <= 1 for t in self.targets):
+            raise ClipqError(f"--targets must be compression rates above 1, got {self.targets}")
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str        # a registered method's NAME
+    slot: str          # which operating point, the same across seeds: "CLIP-Q point 2", "paper setting", ...
+    label: str         # the operating point's settings, for the table
+    make: Callable[[], Method]
+
+
+class SizeModel:
+    """Bytes of the `.clipq` file a plan would give on the baseline weights (the codec itself)."""
+
+    def __init__(self, weights: Path, layers: list[str]):
+        self.raw = [w for w in caffemodel.read(weights) if w.blobs]
+        self.blobs = {w.name: w.blobs for w in self.raw}
+        self.layers = layers
+        self.original = sum(4 * sum(np.size(b) for b in w.blobs) for w in self.raw)
+        self._cache: dict[tuple, int] = {}
+
+    def bytes(self, plan: dict[str, LayerPlan]) -> int:
+        key = tuple(sorted((n, round(lp.p, 6), lp.bits) for n, lp in plan.items()))
+        if key not in self._cache:
+            layers = [compressed_model.quantized_layer(w.name, w.type, w.blobs, plan[w.name]) if w.name in plan
+                      else sparse_codec.Layer(w.name, w.type, w.blobs) for w in self.raw]
+            self._cache[key] = len(sparse_codec.encode(layers))
+        return self._cache[key]
+
+    def rate(self, plan: dict[str, LayerPlan]) -> float:
+        return self.original / self.bytes(plan)
+
+
+def clipq_points(histories: dict, sizes: SizeModel, targets: tuple[float, ...]) -> list[dict[str, LayerPlan]]:
+    """The plans nearest (in log rate) to each target rate, without repeats, largest first: the Lagrangian
+    path's, with plans interpolated where the path leaves gaps (as the accuracy budget's rounds do)."""
+    plans = [c.plan for c in budget.densified(budget.path_candidates(budget.lagrangian_path(histories)))]
+    rates = [sizes.rate(p) for p in plans]
+    chosen = sorted({int(np.argmin([abs(math.log(r / t)) for r in rates])) for t in targets},
+                    key=lambda i: rates[i])
+    return [plans[i] for i in chosen]
+
+
+def operating_points(config: CompareConfig, net_name: str, sizes: SizeModel, histories: dict,
+                     iterations: int) -> list[Point]:
+    """Every method's operating points, each placed by the method's own size knob (module docstring)."""
+    place = Placement(net_name, {n: sizes.blobs[n][0] for n in sizes.layers},
+                      clipq_points(histories, sizes, config.targets), config.matched, sizes.bytes, sizes.original,
+                      iterations, config.compress.settings.seed, config.options)
+    return [Point(name, point.slot, point.label, point.make)
+            for name in config.methods for point in METHODS[name].operating_points(place)]
+
+
+def run(config: CompareConfig, log=print) -> dict:
+    """Run (or resume) the comparison; write OUT/compare.json, compare.md and plots/compare.png."""
+    config.check()
+    with output_directory(config.compress.out, log):
+        return _compare(config, log)
+
+
+def _compare(config: CompareConfig, log) -> dict:
+    cc = config.compress
+    out = cc.out
+    stages = pipeline.Stages(out)
+    nets = pipeline.prepare_nets(cc)
+    baseline = pipeline.baseline_and_plan(cc, stages, nets, log)
+    net = caffe_io.read_net_param(cc.model)
+    layers = list(load_plan(out / "plan.yaml"))
+    sizes = SizeModel(Path(cc.weights), layers)
+    solver = caffe_io.read_text_proto(cc.solver, "SolverParameter", "solver prototxt")
+    iterations = cc.max_iter or solver.max_iter
+    points = operating_points(config, net.name, sizes, read_histories(out, layers), iterations)
+    baseline_correct = np.load(out / "baseline_val_correct.npy")
+    rows = []
+    for number, point in enumerate(points, 1):
+        work = out / "runs" / f"{number:02d}-{point.method}"
+        log(f"[compare {number}/{len(points)}] {METHODS[point.method].LABEL}, {point.label}")
+        result = pipeline.compress_method(cc, nets, pipeline.Stages(work), point.make(), Path(cc.weights), log)
+        drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
+        _, stored = compressed_model.read_file(result["clipq"])
+        rows.append({"method": point.method, "label": METHODS[point.method].LABEL, "slot": point.slot,
+                     "point": point.label,
+                     "bytes": result["clipq_bytes"], "rate": size.overall(stored).original / result["clipq_bytes"],
+                     "test_top1": result["scores"]["decoded"]["accuracy"],
+                     "test_drop": 100 * (baseline["test"]["accuracy"] - result["scores"]["decoded"]["accuracy"]),
+                     "val_drop": drop.points, "val_drop_se": drop.se, "iterations": iterations,
+                     "seconds": round(sum(result["seconds"].values()), 1), "dir": str(work)})
+    report = {"model": str(cc.model), "net": net.name, "seed": cc.settings.seed, "weights": str(cc.weights),
+              "solver": str(cc.solver), "iterations": iterations,
+              "baseline": {"test_top1": baseline["test"]["accuracy"],
+                                                     "val_top1": baseline["val"]["accuracy"]},
+              "settings": asdict(cc.settings), "targets": list(config.targets), "rows": rows,
+              "seconds": round(sum(stages.seconds().values()) + sum(r["seconds"] for r in rows), 1)}
+    plot(report, out / "plots" / "compare.png")
+    with atomic_write(out / "compare.json") as f:
+        json.dump(report, f, indent=2)
+    with atomic_write(out / "compare.md") as f:
+        f.write(markdown(report))
+    return report
+
+
+def frontier(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats in both rate and test top-1, by rate."""
+    ordered = sorted(rows, key=lambda r: (-r["rate"], -r["test_top1"]))
+    best, out = -1.0, []
+    for r in ordered:
+        if r["test_top1"] > best:
+            out.append(r)
+            best = r["test_top1"]
+    return sorted(out, key=lambda r: r["rate"])
+
+
+PLOT_RANGE = 15.0  # points below the baseline the plot shows; lower results sit on its floor, labelled
+
+
+def plot(report: dict, path: Path) -> None:
+    """Rate (log x) against test top-1, one colour per method, each method's frontier as a line."""
+    plt = pyplot()
+    baseline = 100 * report["baseline"]["test_top1"]
+    floor = max(min(100 * r["test_top1"] for r in report["rows"]) - 1, baseline - PLOT_RANGE)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    on_floor: dict[int, int] = {}  # labels at about the same rate stack upwards
+    for method in METHODS.names():
+        rows = [r for r in report["rows"] if r["method"] == method]
+        if not rows:
+            continue
+        line = frontier(rows)
+        marker = "*" if method == "clipq" else "o"
+        shown = [max(100 * r["test_top1"], floor) for r in line]
+        handle = ax.plot([r["rate"] for r in line], shown, marker=marker, markersize=12 if method == "clipq" else 6,
+                         label=METHODS[method].LABEL)[0]
+        for r in rows:
+            top1 = 100 * r["test_top1"]
+            ax.scatter(r["rate"], max(top1, floor), color=handle.get_color(), s=30,
+                       marker=marker if top1 >= floor else "v")
+            if top1 < floor:
+                bucket = round(10 * math.log10(r["rate"]))
+                on_floor[bucket] = on_floor.get(bucket, 0) + 1
+                ax.annotate(f"{top1:.1f}%", (r["rate"], floor), textcoords="offset points",
+                            xytext=(4, 10 * on_floor[bucket] - 6), fontsize=7, color=handle.get_color())
+    ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="uncompressed baseline")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}x"))
+    ax.xaxis.set_minor_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}x" if str(int(x))[0] in "2358" else ""))
+    ax.set_ylim(floor - 0.5, baseline + 1.5)
+    ax.set_xlabel("compression rate (float32 bytes / .clipq bytes, log scale)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{report['net']} (seed {report.get('seed', 0)}): {report['iterations']:,} fine-tuning iterations "
+                 "per method", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    save_png(fig, path, dpi=110)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# {report['net']}: CLIP-Q and the baselines ({report['model']})", "",
+             f"Baseline test top-1 {100 * report['baseline']['test_top1']:.2f}%; every method fine-tunes "
+             f"{report['iterations']:,} iterations with {report['solver']}; sizes are `.clipq` files; drops in "
+             "top-1 points (validation: mean +- standard error over the held-out images).", "",
+             "| method | operating point | bytes | rate | test top-1 | test drop | val drop | iterations | time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['label']} | {r['point']} | {r['bytes']:,} | {r['rate']:.1f}x | "
+                     f"{100 * r['test_top1']:.2f}% | {r['test_drop']:+.2f} | {r['val_drop']:+.2f} +- "
+                     f"{r['val_drop_se']:.2f} | {r['iterations']:,} | {r['seconds']:.0f} s |")
+    lines += ["", "The paper's Table 4 (AlexNet on ImageNet, as printed):", "",
+              "| method | top-1 change | size |", "|---|---:|---:|"]
+    lines += [f"| {m} | {d} | {s} |" for m, d, s in PAPER_TABLE4]
+    return "\n".join(lines) + "\n"

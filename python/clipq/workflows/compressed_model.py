@@ -1,0 +1,149 @@
+"""Caffe models <-> `.clipq` files: `clipq encode` and `clipq decode`.
+
+encode: a caffemodel and the layers to compress with their (p, b) (a CLIP-Q prototxt, or a plain one and
+a plan). A compressed layer whose weights already take at most 2^b - 1 distinct non-zero values (an
+exported CLIP-Q model) is stored exactly as it is; otherwise the CLIP-Q operator prunes and quantizes it
+first (a trained CLIP-Q caffemodel with its full-precision weights). Every other layer is stored raw.
+
+decode: a `.clipq` file -> a plain caffemodel (layer names and types kept). The file is checked against
+itself first (`sparse_codec.decode` refuses damage and inconsistent edits); only with the deploy prototxt
+it is meant for (`--model`) are its layer names and blob shapes checked against a net, the way Caffe will
+match them when it loads the caffemodel.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from clipq.caffe import caffe_io, caffemodel
+from clipq.caffe.convert import check_plan, clipq_configs
+from clipq.plan import LayerPlan
+from clipq.quant import prune_quant
+from clipq.storage import sparse_codec
+from clipq.storage.sparse_codec import Layer
+from clipq.util.atomic import atomic_write
+from clipq.util.errors import ClipqError
+
+
+def quantized_layer(name: str, layer_type: str, blobs: list[np.ndarray], lp: LayerPlan) -> Layer:
+    """A compressed Layer: stored exactly if the weights already look pruned-quantized at (p, b) (an exported
+    model), else pruned-quantized now."""
+    weights = np.asarray(blobs[0], np.float32)
+    exact = sparse_codec.exact_codes(weights, lp.p, lp.bits)
+    if exact is not None:
+        codes, codebook = exact
+    else:
+        q = prune_quant.clip_quantize(weights, lp.p, lp.bits)
+        codes, codebook, weights = q.codes, q.codebook, q.weights
+    return Layer(name, layer_type, [weights] + [np.asarray(b, np.float32) for b in blobs[1:]],
+                 codes, codebook, lp.bits, lp.p)
+
+
+def model_layers(weights: str | os.PathLike, plan: dict[str, LayerPlan], types: dict[str, str]) -> list[Layer]:
+    """The caffemodel's layers with blobs, the planned ones compressed (types: name -> type to record)."""
+    layers, seen = [], set()
+    for layer in caffemodel.read(weights):
+        if not layer.blobs or layer.name in seen:
+            continue
+        seen.add(layer.name)
+        layer_type = types.get(layer.name, layer.type)
+        if layer.name in plan:
+            layers.append(quantized_layer(layer.name, layer_type, layer.blobs, plan[layer.name]))
+        else:
+            layers.append(Layer(layer.name, layer_type, layer.blobs))
+    missing = sorted(set(plan) - seen)
+    if missing:
+        raise ClipqError(f"{weights}: no weights for layer(s) {', '.join(missing)} named in the plan")
+    return layers
+
+
+def random_layers(model: str | os.PathLike, plan: dict[str, LayerPlan], types: dict[str, str],
+                  seed: int = 0) -> list[Layer]:
+    """The net's learnable layers with random Gaussian weights of their shapes (biases 0), the planned
+    ones pruned-quantized: how `clipq size` reproduces storage numbers without the trained model."""
+    cf = caffe_io.caffe()
+    cf.set_mode_cpu()
+    try:
+        net = cf.Net(str(model), cf.TEST)
+    except Exception as e:  # noqa: BLE001 - Caffe reports its own parse/shape errors
+        raise ClipqError(f"{model}: Caffe cannot build this net ({e}); use its deploy prototxt") from None
+    rng = np.random.default_rng(seed)
+    layer_types = {layer.name: layer.type for layer in caffe_io.read_net_param(model).layer}
+    layers = []
+    for name, params in net.params.items():
+        blobs = [rng.standard_normal(params[0].data.shape, np.float32) * np.float32(0.01)]
+        blobs += [np.zeros(b.data.shape, np.float32) for b in params[1:]]
+        layer_type = types.get(name, layer_types.get(name, "?"))
+        layers.append(quantized_layer(name, layer_type, blobs, plan[name]) if name in plan
+                      else Layer(name, layer_type, blobs))
+    return layers
+
+
+def plan_from_model(model: str | os.PathLike, plan: dict[str, LayerPlan] | None) -> tuple[dict, dict]:
+    """(plan, wrapped types): the CLIP-Q layers of `model`, or `plan` for a plain prototxt."""
+    net = caffe_io.read_net_param(model)
+    configs = clipq_configs(net, str(model))
+    if configs and plan:
+        raise ClipqError(f"{model}: is a CLIP-Q prototxt (it holds p and b); do not also give a plan")
+    if configs:
+        return ({name: LayerPlan(c.p, c.bits) for name, c in configs.items()},
+                {name: c.type for name, c in configs.items()})
+    if not plan:
+        raise ClipqError(f"{model}: has no CLIP-Q layers; give a plan with the layers to compress")
+    check_plan(net, plan, str(model))
+    return plan, {}
+
+
+def encode_model(model, weights=None, plan: dict[str, LayerPlan] | None = None, use_huffman: bool = False,
+                 seed: int = 0) -> tuple[bytes, list[Layer]]:
+    """(.clipq bytes, layers with their encoded facts) of a caffemodel, or of random weights of the
+    model's shapes when `weights` is None."""
+    plan, types = plan_from_model(model, plan)
+    layers = model_layers(weights, plan, types) if weights else random_layers(model, plan, types, seed)
+    meta = {"prototxt": Path(model).name, "caffemodel": Path(weights).name if weights else f"random (seed {seed})"}
+    return sparse_codec.encode(layers, meta, use_huffman), layers
+
+
+def encode_file(model, weights, output, plan: dict[str, LayerPlan] | None = None,
+                use_huffman: bool = False) -> list[Layer]:
+    """`clipq encode`: write the `.clipq` file; return its layers (with their encoded facts)."""
+    data, layers = encode_model(model, weights, plan, use_huffman)
+    with atomic_write(output, "wb") as f:
+        f.write(data)
+    return layers
+
+
+def read_file(path: str | os.PathLike) -> tuple[dict, list[Layer]]:
+    """Header and layers of a `.clipq` file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ClipqError(f"{path}: cannot read ({e.strerror})") from None
+    return sparse_codec.decode(data, str(path))
+
+
+def check_against(layers: list[Layer], deploy: str | os.PathLike, source: str) -> None:
+    """Every learnable layer of the deploy net must be in the file with the same blob shapes."""
+    cf = caffe_io.caffe()
+    cf.set_mode_cpu()
+    net = cf.Net(str(deploy), cf.TEST)
+    by_name = {layer.name: layer for layer in layers}
+    for name, blobs in net.params.items():
+        if name not in by_name:
+            raise ClipqError(f"{source}: has no layer '{name}', which {deploy} needs")
+        shapes = [tuple(b.data.shape) for b in blobs]
+        mine = [tuple(b.shape) for b in by_name[name].blobs]
+        if shapes != mine:
+            raise ClipqError(f"{source}: layer '{name}' has blob shapes {mine}; {deploy} expects {shapes}")
+
+
+def decode_file(path, output, deploy=None) -> list[Layer]:
+    """`clipq decode`: write the plain caffemodel of a `.clipq` file (checked against `deploy` if given)."""
+    _, layers = read_file(path)
+    if deploy is not None:
+        check_against(layers, deploy, str(path))
+    caffemodel.write([caffemodel.LayerWeights(layer.name, layer.type, layer.blobs) for layer in layers], output)
+    return layers

@@ -1,0 +1,133 @@
+"""Every input kind of `clipq data` read into the same examples, and each malformed input refused by name."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipq.data import image_sources
+from clipq.util.errors import ClipqError
+
+RNG = np.random.default_rng(0)
+IMAGES = RNG.integers(0, 256, (12, 6, 6), dtype=np.uint8)
+LABELS = np.arange(12) % 3
+
+
+def loaded(source) -> tuple[np.ndarray, list[int]]:
+    return np.stack([e.load() for e in source.examples]), [e.label for e in source.examples]
+
+
+def assert_same(source, images=IMAGES[:, None], labels=LABELS):
+    got, got_labels = loaded(source)
+    np.testing.assert_array_equal(got, images)
+    assert got_labels == list(labels)
+
+
+def test_npz_and_npy_pair_give_the_images_and_labels(tmp_path):
+    np.savez(tmp_path / "d.npz", x=IMAGES, y=LABELS)
+    assert_same(image_sources.load(tmp_path / "d.npz"))
+    np.save(tmp_path / "x.npy", IMAGES)
+    np.save(tmp_path / "y.npy", LABELS)
+    assert_same(image_sources.load(tmp_path / "x.npy", labels=tmp_path / "y.npy"))
+
+
+def test_channels_last_colour_arrays_become_chw(tmp_path):
+    hwc = RNG.integers(0, 256, (4, 5, 7, 3), dtype=np.uint8)
+    np.savez(tmp_path / "c.npz", images=hwc, labels=np.zeros(4, int))
+    got, _ = loaded(image_sources.load(tmp_path / "c.npz"))
+    np.testing.assert_array_equal(got, hwc.transpose(0, 3, 1, 2))
+
+
+def test_float_images_in_unit_range_are_scaled_to_bytes():
+    got = image_sources.to_chw(np.array([[[0.0, 1.0], [0.5, 0.25]]]), "x")
+    np.testing.assert_array_equal(got[0, 0], [[0, 255], [128, 64]])
+
+
+def test_csv_with_header_label_first_or_last(tmp_path):
+    rows = [[int(label)] + image.ravel().tolist() for image, label in zip(IMAGES, LABELS)]
+    first = tmp_path / "first.csv"
+    first.write_text("label," + ",".join(f"p{i}" for i in range(36)) + "\n"
+                     + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    assert_same(image_sources.load(first))
+    last = tmp_path / "last.csv.gz"
+    with gzip.open(last, "wt") as f:
+        f.write("\n".join(",".join(map(str, r[1:] + r[:1])) for r in rows))
+    assert_same(image_sources.load(last, label_column="last"))
+
+
+def test_csv_names_as_labels_are_numbered_in_sorted_order(tmp_path):
+    path = tmp_path / "names.csv"
+    path.write_text("dog,1,2,3,4\ncat,5,6,7,8\ndog,0,0,0,0\n")
+    source = image_sources.load(path)
+    assert source.classes == ["cat", "dog"]
+    assert [e.label for e in source.examples] == [1, 0, 1]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1,2,3,4,5\n2,3,4\n", "first row has 4"),
+    ("1,2,x,4,5\n", "not a number"),
+    (",2,3,4,5\n", "missing label"),
+    ("1,2,3\n", "not a square"),
+])
+def test_csv_errors_name_the_line(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(ClipqError, match=message):
+        image_sources.load(path)
+
+
+def test_idx_files_gzipped_or_not(tmp_path):
+    header = b"\0\0\x08\x03" + np.array([12, 6, 6], ">u4").tobytes()
+    (tmp_path / "images-idx3-ubyte").write_bytes(header + IMAGES.tobytes())
+    with gzip.open(tmp_path / "labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\0\0\x08\x01" + np.array([12], ">u4").tobytes() + LABELS.astype(np.uint8).tobytes())
+    assert_same(image_sources.load(tmp_path / "images-idx3-ubyte", labels=tmp_path / "labels-idx1-ubyte.gz"))
+    (tmp_path / "short-idx3-ubyte").write_bytes(header + IMAGES.tobytes()[:-1])
+    with pytest.raises(ClipqError, match="truncated"):
+        image_sources.read_idx(tmp_path / "short-idx3-ubyte")
+
+
+def write_folder(root, size=(6, 6)):
+    for i, (image, label) in enumerate(zip(IMAGES, LABELS)):
+        (root / f"class{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).resize(size).save(root / f"class{label}" / f"{i:02d}.png")
+
+
+def test_folder_classes_are_sorted_subfolders(tmp_path):
+    write_folder(tmp_path / "photos")
+    source = image_sources.load(tmp_path / "photos")
+    assert source.classes == ["class0", "class1", "class2"]
+    images, labels = loaded(source)
+    order = sorted(range(12), key=lambda i: (LABELS[i], i))
+    np.testing.assert_array_equal(images, IMAGES[order][:, None])
+    assert labels == sorted(LABELS.tolist())
+
+
+def test_list_file_paths_relative_to_root(tmp_path):
+    write_folder(tmp_path / "photos")
+    lines = [f"class{label}/{i:02d}.png {label}" for i, label in enumerate(LABELS)]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    assert_same(image_sources.load(tmp_path / "list.txt", root=tmp_path / "photos"))
+
+
+def test_unreadable_image_and_bad_list_line_are_named(tmp_path):
+    write_folder(tmp_path / "photos")
+    (tmp_path / "photos" / "class1" / "broken.jpg").write_bytes(b"not a jpeg")
+    source = image_sources.load(tmp_path / "photos")
+    broken = next(e for e in source.examples if e.origin.endswith("broken.jpg"))
+    with pytest.raises(ClipqError, match="broken.jpg: not a readable image"):
+        broken.load()
+    (tmp_path / "list.txt").write_text("a.png 1\nb.png\n")
+    with pytest.raises(ClipqError, match=r"list.txt:2: expected 'relative/path LABEL'"):
+        image_sources.load(tmp_path / "list.txt")
+
+
+def test_labels_must_match_the_images(tmp_path):
+    np.savez(tmp_path / "d.npz", images=IMAGES, labels=LABELS[:-1])
+    with pytest.raises(ClipqError, match="11,.*labels for 12 images"):
+        image_sources.load(tmp_path / "d.npz")
+    with pytest.raises(ClipqError, match="give their labels with --labels"):
+        image_sources.load(tmp_path / "d.npz", kind="npy")
