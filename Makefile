@@ -43,13 +43,13 @@ compress: baseline      ## clipq compress --max-drop (search, fine-tuning rounds
 	        || exit 1; \
 	done
 
-# The README's Fashion-MNIST results: both LeNets, --max-drop 0.5, for every seed in SEEDS (the search's
+# The Fashion-MNIST results (README, docs/pipeline.md): both LeNets, --max-drop 0.5, for every seed in SEEDS (the search's
 # seed and the fine-tuning solver's random_seed), then one table of mean (min .. max). A run that misses
 # its budget (exit 1) is kept and counted in the table's "budget met" column.
 SEEDS ?= 0 1 2
 RESULT_NETS ?= lenet5 lenet300_100
 
-results: baseline       ## the README's results table: both LeNets x SEEDS with --max-drop, then `clipq summary`
+results: baseline       ## the results table (README, docs/pipeline.md): both LeNets x SEEDS with --max-drop, then `clipq summary`
 	@mkdir -p cache/results; for net in $(RESULT_NETS); do for seed in $(SEEDS); do \
 	    echo "== $$net, seed $$seed: log in cache/results/$${net}_seed$$seed.txt"; \
 	    $(CLIPQ) compress --model prototxt/$$net/train_val.prototxt --weights $(MODELS)/$${net}_fashion_mnist_55k.caffemodel \
@@ -77,7 +77,7 @@ compare: baseline       ## CLIP-Q vs Deep Compression, DNS, LC, sequential, unif
 	$(CLIPQ) summary $(foreach net,$(NETS),$(foreach seed,$(COMPARE_SEEDS),cache/compare/$(net)_seed$(seed))) \
 	    | tee cache/compare/summary.md
 
-# The README's "Your own data" example: a CSV of 5,000 labelled 28x28 images (Fashion-MNIST's first 5,000
+# The "Your own data" example (docs/own_data.md): a CSV of 5,000 labelled 28x28 images (Fashion-MNIST's first 5,000
 # training images, standing in for yours) to a compressed, evaluated LeNet-5 with four clipq commands (data,
 # init, train, compress --experiment), each skipped when its output is there; OWN_SEEDS="0 1 2" for a spread.
 OWN := cache/own_data

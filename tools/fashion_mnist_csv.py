@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Write the first N Fashion-MNIST training images as a CSV (Kaggle's digit-recognizer layout: a header,
-then `label,pixel0,...,pixel783` per image): the stand-in for a user's own CSV in the README's example.
+then `label,pixel0,...,pixel783` per image): the stand-in for a user's own CSV in docs/own_data.md's example.
 
 usage: tools/fashion_mnist_csv.py OUT.csv [--count 5000]
 """

@@ -6,7 +6,7 @@
 # usage: tools/install_caffe.sh [PYTHON]      PYTHON: interpreter pycaffe is built for (default python3)
 # env:   CLIPQ_CAFFE_SRC   tarball path or URL to use instead of the default sources
 #        CLIPQ_CAFFE_HOME  build cache (default ~/.cache/clipq/caffe)
-#        CLIPQ_CAFFE_GPU=1 CUDA build (CUDA_DIR, CLIPQ_CUDA_ARCH); untested here, see README
+#        CLIPQ_CAFFE_GPU=1 CUDA build (CUDA_DIR, CLIPQ_CUDA_ARCH); untested here, see docs/install.md
 #        CLIPQ_SKIP_APT=1  never call apt-get (fail if a package is missing)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)

@@ -88,7 +88,7 @@ def test_caffe_lmdbs_without_dataset_json_are_accepted(tmp_path, repo):
 
 
 def test_from_a_csv_to_a_compressed_model_in_four_commands(tmp_path, repo, capsys):
-    """The README's route: clipq data, clipq init, clipq train, clipq compress --experiment (tiny budgets)."""
+    """docs/own_data.md's route: clipq data, clipq init, clipq train, clipq compress --experiment (tiny budgets)."""
     from clipq import cli
     from clipq.data import datasets
     split = datasets.lmdb_split(datasets.DEBIAN_SOURCE, "train", limit=300)

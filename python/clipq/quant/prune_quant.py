@@ -10,7 +10,7 @@
 3. **Quantizing.** Each interval's level is the mean of the full-precision weights that fall into it;
    every kept weight takes its interval's level, every pruned weight becomes 0.
 
-Choices the paper leaves open, made here (and tested in tests/test_prune_quant.py):
+Choices the paper leaves open, made here (and tested in tests/quant/test_prune_quant.py):
 
 - *Rounding of p * count*: half up, `k = floor(p * n + 0.5)`, per sign; so the pruned count is exact
   whatever the values.
