@@ -16,7 +16,7 @@ learnable blob's diff, where Caffe's layers accumulate it. The other methods get
 
 | kind     | blobs                                   | forward weights        | learnable weights' gradient          |
 |----------|-----------------------------------------|------------------------|--------------------------------------|
-| ClipQ    | W, bias                                 | clip_quantize(W; p, b) | all of it (straight-through, CLIP-Q) |
+| ClipQ    | W, bias [, passes (gradual pruning)]    | clip_quantize(W; p, b) | all of it (straight-through, CLIP-Q) |
 | Masked   | W, bias, mask                           | W * mask               | masked (fixed mask: DC, sequential)  |
 | Shared   | codebook, bias, codes                   | codebook[codes]        | summed per centroid (DC eq. 3)       |
 | Surgery  | W, bias, mask T, [iteration, mu, sigma] | W * T; T updated (DNS) | all of it (pruned weights splice back) |
@@ -27,12 +27,15 @@ and caffemodels keep them. Blobs 0 and 1 of ClipQ, Masked, Surgery and LC are Ca
 weights are in Caffe's shapes. A layer whose input needs no gradient (a first layer) stops computing it.
 """
 
+import json
+
 import caffe
 import numpy as np
 from google.protobuf import json_format
 
-from clipq.caffe import caffe_io
+from clipq.caffe import caffe_io, distill
 from clipq.caffe.param_str import WRAPPED, LayerConfig, WrappedParam
+from clipq.methods import clipq as clipq_method
 from clipq.methods import deep_compression, dns, lc
 from clipq.methods.base import shared
 from clipq.quant import prune_quant
@@ -120,11 +123,20 @@ class _ClipQ(_WrappedLayer):
         self.last = None  # the operator's last result
         self.wrapped = WrappedParam(self.cfg.type, self.cfg.param, self.cfg.name)
 
+    def initial_blobs(self, inner):
+        counter = [np.zeros(1, np.float32)] if self.cfg.ramp else []  # training passes so far (gradual pruning)
+        return [np.array(a) for a in inner] + counter
+
     def forward_weights(self, out):
+        p = self.cfg.p
+        if self.cfg.ramp:
+            passes = self.blobs[-1].data
+            p = clipq_method.ramped_rate(self.cfg.p, int(passes[0]), self.cfg.ramp)
+            if self.phase == caffe.TRAIN:  # the TEST net shares the counter: it only reads it
+                passes[0] += 1
         # the last result brackets this step's selection (fine-tuning moves the clips little) and lends
         # its codes buffer
-        self.last = prune_quant.clip_quantize(self.blobs[0].data, self.cfg.p, self.cfg.bits, out=out,
-                                              previous=self.last)
+        self.last = prune_quant.clip_quantize(self.blobs[0].data, p, self.cfg.bits, out=out, previous=self.last)
 
 
 class _Masked(_WrappedLayer):
@@ -197,6 +209,37 @@ class _LC(_WrappedLayer):
         w = self.blobs[0]
         grad += lc.penalty_gradient(w.data, self.blobs[-2].data, self.blobs[-1].data, float(self.options["mu"]))
         add_and_clear(w.diff, grad)
+
+
+class SoftTargetLoss(caffe.Layer):
+    """Distillation's soft-target loss (clipq.caffe.distill): bottoms the student's and the teacher's class
+    scores, top T^2 * mean KL(softmax(teacher / T) || softmax(student / T)); the gradient goes to the student
+    only. param_str: {"temperature": T}."""
+
+    def setup(self, bottom, top):
+        if len(bottom) != 2 or len(top) != 1:
+            raise ValueError(f"SoftTargetLoss takes the student's and the teacher's scores and gives one loss, got "
+                             f"{len(bottom)} bottoms and {len(top)} tops")
+        try:
+            self.temperature = float(json.loads(self.param_str)["temperature"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise ValueError(f'SoftTargetLoss param_str: expected {{"temperature": T}}, got {self.param_str!r}') \
+                from None
+        if not self.temperature > 0:
+            raise ValueError(f"SoftTargetLoss: the temperature must be > 0, got {self.temperature}")
+
+    def reshape(self, bottom, top):
+        if bottom[0].data.shape != bottom[1].data.shape:
+            raise ValueError(f"SoftTargetLoss: student scores {bottom[0].data.shape} and teacher scores "
+                             f"{bottom[1].data.shape} differ")
+        top[0].reshape()
+
+    def forward(self, bottom, top):
+        top[0].data[...], self.grad = distill.soft_target_loss(bottom[0].data, bottom[1].data, self.temperature)
+
+    def backward(self, top, propagate_down, bottom):
+        if propagate_down[0]:
+            bottom[0].diff[...] = self.grad * top[0].diff  # the loss weight arrives as the top's diff
 
 
 def _concrete(kind_class, wrapped_type):

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from clipq.caffe import caffe_io
+from clipq.caffe import caffe_io, distill
 from clipq.caffe.param_str import WRAPPED
 from clipq.methods import METHODS
+from clipq.methods import clipq as clipq_method
 from clipq.quant.prune_quant import clip_quantize
 
 CONV = {"num_output": 6, "kernel_size": [3], "stride": [2], "pad": [1], "group": 2, "dilation": [1],
@@ -30,14 +31,14 @@ def text_param(kind, param):
     return str(message).replace("\n", " ")
 
 
-def net_pair(tmp_path, kind, param, p, bits):
+def net_pair(tmp_path, kind, param, p, bits, **options):
     """(CLIP-Q net, plain Caffe net) with the same input shape, both with a 'layer' and input 'x'."""
     cf = caffe_io.caffe()
     shape = " ".join(f"dim: {d}" for d in SHAPES[kind])
     field = {"Convolution": "convolution_param", "InnerProduct": "inner_product_param"}[kind]
     head = f'force_backward: true layer {{ name: "x" type: "Input" top: "x" input_param {{ shape {{ {shape} }} }} }}'
     cls = {"Convolution": "ClipQConvolution", "InnerProduct": "ClipQInnerProduct"}[kind]
-    param_str = json.dumps({"p": p, "bits": bits, field: param, "name": "layer"}).replace("'", "\\'")
+    param_str = json.dumps({"p": p, "bits": bits, **options, field: param, "name": "layer"}).replace("'", "\\'")
     clipq_net = (head + f' layer {{ name: "layer" type: "Python" bottom: "x" top: "y" python_param {{ '
                  f"module: 'clipq_layers' layer: '{cls}' param_str: '{param_str}' }} }}")
     plain_net = head + (f' layer {{ name: "layer" type: "{kind}" bottom: "x" top: "y" '
@@ -222,3 +223,45 @@ def test_every_layer_kind_a_method_uses_has_a_convolution_and_an_inner_product_l
         for wrapped in WRAPPED:
             layer = getattr(clipq_layers, f"{kind}{wrapped}", None)
             assert isinstance(layer, type) and layer.WRAPPED_TYPE == wrapped, f"{kind}{wrapped}"
+
+
+def test_with_a_ramp_p_grows_by_zhu_and_gupta_s_schedule_over_the_training_passes(tmp_path):
+    clipq_net, _ = net_pair(tmp_path, "InnerProduct", IP, p=0.8, bits=4, ramp=4)
+    w = clipq_net.params["layer"][0].data
+    passes = clipq_net.params["layer"][-1].data
+    inner = clipq_net.layers[1].inner.params[0].data
+    pruned = []
+    for _ in range(6):
+        clipq_net.forward()
+        pruned.append(float(np.mean(inner == 0)))
+    assert passes[0] == 6 and len(clipq_net.params["layer"]) == 3
+    expected = [np.mean(clip_quantize(w, clipq_method.ramped_rate(0.8, t, 4), 4).weights == 0) for t in range(6)]
+    assert pruned == pytest.approx(expected) and pruned[0] == 0
+    assert pruned[4] == pruned[5] == pytest.approx(0.8, abs=0.01)
+
+
+def test_the_ramp_schedule_is_cubic_and_ends_at_p():
+    assert clipq_method.ramped_rate(0.9, 0, 10) == 0.0
+    assert clipq_method.ramped_rate(0.9, 5, 10) == pytest.approx(0.9 * (1 - 0.5 ** 3))
+    assert clipq_method.ramped_rate(0.9, 10, 10) == clipq_method.ramped_rate(0.9, 99, 10) == 0.9
+    assert clipq_method.ramped_rate(0.9, 3, 0) == 0.9  # no ramp
+
+
+def test_soft_target_loss_layer_gives_the_numpy_loss_and_a_gradient_to_the_student_only(tmp_path):
+    cf = caffe_io.caffe()
+    (tmp_path / "net.prototxt").write_text(
+        'force_backward: true layer { name: "s" type: "Input" top: "s" input_param { shape { dim: 3 dim: 4 } } }\n'
+        'layer { name: "t" type: "Input" top: "t" input_param { shape { dim: 3 dim: 4 } } }\n'
+        'layer { name: "kd" type: "Python" bottom: "s" bottom: "t" top: "loss" loss_weight: 0.5 propagate_down: true '
+        'propagate_down: false python_param { module: "clipq_layers" layer: "SoftTargetLoss" '
+        'param_str: \'{"temperature": 2.0}\' } }')
+    net = cf.Net(str(tmp_path / "net.prototxt"), cf.TRAIN)
+    rng = np.random.default_rng(3)
+    s, t = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
+    net.blobs["s"].data[...], net.blobs["t"].data[...] = s, t
+    net.forward()
+    net.backward()
+    loss, grad = distill.soft_target_loss(s, t, 2.0)
+    assert float(net.blobs["loss"].data) == pytest.approx(loss, rel=1e-5)
+    np.testing.assert_allclose(net.blobs["s"].diff, 0.5 * grad, rtol=1e-5)
+    assert not net.blobs["t"].diff.any()

@@ -143,3 +143,27 @@ def test_densified_fills_gaps_between_far_apart_neighbours_only():
     sizes = [c.size for c in out]
     assert max(a / b for a, b in zip(sizes, sizes[1:])) <= 1.5
     assert sizes == sorted(sizes, reverse=True)
+
+
+def evaluation(i: int, error: float, benefit: float, p: float = 0.5, bits: int = 4) -> Evaluation:
+    return Evaluation(i, p, float(bits), bits, error, benefit, error - benefit, 0.1)
+
+
+def test_where_top1_cannot_rank_the_points_the_path_starts_at_the_largest_of_the_least_error():
+    flat = [evaluation(0, 0.0, 0.5, p=0.9, bits=2), evaluation(1, 0.0, 0.1, p=0.2, bits=8),
+            evaluation(2, 0.0, 0.3, p=0.6, bits=4), evaluation(3, 2.0, 0.6, p=0.95, bits=1)]
+    path = budget.lagrangian_path({"ip1": flat})
+    assert [entry.picks["ip1"].iteration for entry in path] == [1, 0, 3]  # then the cheapest at equal error
+    assert gp.best([evaluation(0, 1.0, 0.5), evaluation(1, 0.7, 0.2)]).iteration == 1  # equal objectives
+
+
+def test_back_off_plans_release_the_worst_measured_layer_first_up_to_every_layer():
+    first = budget.PathPlan(0, 0.0, 1.0, {"conv1": evaluation(0, 0.5, 0.1, p=0.3, bits=5),
+                                          "ip1": evaluation(1, 3.0, 0.6, p=0.95, bits=2),
+                                          "ip2": evaluation(2, 1.0, 0.1, p=0.8, bits=3)})
+    candidates = budget.backoff_candidates(first, lambda plan: sum(lp.bits for lp in plan.values()) / 100)
+    assert [c.origin.split(":")[0] for c in candidates] == ["back-off 3/3", "back-off 2/3", "back-off 1/3"]
+    assert all(lp == budget.BACKOFF for lp in candidates[0].plan.values())  # the largest: every layer released
+    assert candidates[-1].plan == {**first.plan, "ip1": budget.BACKOFF}  # ip1 measured worst: released first
+    assert candidates[1].plan["conv1"] == first.plan["conv1"] and candidates[1].plan["ip2"] == budget.BACKOFF
+    assert [c.size for c in candidates] == sorted((c.size for c in candidates), reverse=True)

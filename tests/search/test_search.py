@@ -3,9 +3,13 @@ and the (error, c_i) measurement in real Caffe."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
 from clipq.caffe import caffe_io, nets
+from clipq.quant.prune_quant import clip_quantize
 from clipq.search import gp, job, local, plots, subset_eval
 from clipq.search import log as search_log
 from clipq.search.gp import SearchSettings
@@ -84,8 +88,8 @@ def test_a_subset_larger_than_the_lmdb_is_capped_with_a_message():
 
 
 @pytest.fixture(scope="module")
-def evaluator(tmp_path_factory, fashion_mnist_slices):
-    """LeNet-300-100 with random weights, measured on a 500-image subset of the training slice."""
+def search_net(tmp_path_factory, fashion_mnist_slices):
+    """LeNet-300-100 with random weights, and its search net on a 500-image subset of the training slice."""
     tmp = tmp_path_factory.mktemp("subset")
     data = nets.DataSpec(str(fashion_mnist_slices["train"]), str(fashion_mnist_slices["test"]), 64, 100,
                          (100, 1, 28, 28), scale=1 / 256)
@@ -96,11 +100,62 @@ def evaluator(tmp_path_factory, fashion_mnist_slices):
     deploy = tmp / "deploy.prototxt"
     deploy.write_text(str(nets.deploy("mlp", nets.lenet300_100_body, data)))
     random_caffemodel(deploy, tmp / "w.caffemodel", std=0.05)
-    return subset_eval.SubsetEvaluator(tmp / "eval.prototxt", tmp / "w.caffemodel", accuracy, 500)
+    return tmp / "eval.prototxt", tmp / "w.caffemodel", accuracy
+
+
+@pytest.fixture(scope="module")
+def evaluator(search_net):
+    prototxt, weights, blobs = search_net
+    return subset_eval.SubsetEvaluator(prototxt, weights, blobs, 500)
+
+
+def scores_and_labels(evaluator) -> tuple[np.ndarray, np.ndarray]:
+    """Every batch's class scores and labels, by numpy from the evaluator's own net."""
+    scores, labels = [], []
+    for _ in range(evaluator.iterations):
+        evaluator.net.forward()
+        scores.append(evaluator.net.blobs[evaluator.blobs.scores].data.astype(np.float64).copy())
+        labels.append(evaluator.net.blobs["label"].data.astype(int).copy())
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def test_the_loss_metric_is_100_times_the_mean_cross_entropy(search_net):
+    prototxt, weights, blobs = search_net
+    evaluator = subset_eval.SubsetEvaluator(prototxt, weights, blobs, 500, "loss")
+    scores, labels = scores_and_labels(evaluator)
+    expected = -100 * np.mean(log_softmax(scores)[np.arange(labels.size), labels])
+    assert evaluator.measure() == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_kl_metric_is_0_for_the_uncompressed_net_and_the_divergence_from_it_otherwise(search_net):
+    prototxt, weights, blobs = search_net
+    evaluator = subset_eval.SubsetEvaluator(prototxt, weights, blobs, 500, "kl")
+    assert abs(evaluator.measure()) < 1e-6
+    reference = log_softmax(scores_and_labels(evaluator)[0])
+    value, _ = evaluator("ip1", 0.9, 2)
+    w = evaluator.net.params["ip1"][0].data
+    w[...] = clip_quantize(evaluator.original["ip1"][0], 0.9, 2).weights
+    compressed = log_softmax(scores_and_labels(evaluator)[0])
+    w[...] = evaluator.original["ip1"][0]
+    expected = 100 * np.mean(np.sum(np.exp(reference) * (reference - compressed), axis=1))
+    assert expected > 0.1 and value == pytest.approx(expected, rel=1e-4)
+
+
+def test_an_unknown_metric_or_a_loss_the_net_lacks_is_refused(search_net):
+    prototxt, weights, blobs = search_net
+    with pytest.raises(ClipqError, match="--search-metric must be one of error, loss, kl"):
+        subset_eval.SubsetEvaluator(prototxt, weights, blobs, 500, "mse")
+    with pytest.raises(ClipqError, match="needs a SoftmaxWithLoss layer"):
+        subset_eval.SubsetEvaluator(prototxt, weights, dataclasses.replace(blobs, loss=None), 500, "loss")
 
 
 def test_error_and_benefit_have_the_right_sign_and_scale(evaluator):
-    base = evaluator.error()
+    base = evaluator.measure()
     assert 0 < base < 100
     error, benefit = evaluator("ip1", 0.0, 8)
     assert abs(error - base) < 3  # 255 levels barely change the net
@@ -110,7 +165,7 @@ def test_error_and_benefit_have_the_right_sign_and_scale(evaluator):
     assert benefit < more < ip1_share
     _, small = evaluator("ip3", 0.9, 2)
     assert 0 < small < 0.01
-    assert evaluator.error() == pytest.approx(base)  # the layer was restored
+    assert evaluator.measure() == pytest.approx(base)  # the layer was restored
 
 
 def test_subset_is_a_random_sample_of_the_training_lmdb(tmp_path, fashion_mnist_slices):

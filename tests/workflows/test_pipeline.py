@@ -58,10 +58,30 @@ def test_with_val_the_search_and_the_fine_tuning_monitor_see_only_the_validation
     head = json.loads((tmp_path / "search" / "ip1.jsonl").read_text().splitlines()[0])
     assert head["data"] == str(mlp["val"].resolve())
     assert "validation LMDB" in report["data"]["search"]
-    assert str(mlp["val"].resolve()) in (tmp_path / "clipq_val_train_val.prototxt").read_text()
+    finetuned = (tmp_path / "clipq_finetune_train_val.prototxt").read_text()
+    assert str(mlp["val"].resolve()) in finetuned and str(tmp_path / "train_order_seed0_lmdb") in finetuned
     assert 'test_iter: 10' in (tmp_path / "finetune_solver.prototxt").read_text()  # 1000 val images / batch 100
     assert report["val_accuracy"]["images"] == 1000
     assert report["val_accuracy"]["decoded"] == pytest.approx(np.load(tmp_path / "val_correct.npy").mean())
+
+
+def training_order(config) -> list[bytes]:
+    """The Datums of the fine-tuning's TRAIN LMDB, in the order Caffe reads them."""
+    import lmdb
+
+    nets = pipeline.prepare_nets(config, log=lambda m: None)
+    source = caffe_io.test_data_layer(caffe_io.read_net_param(nets.train), "net", "TRAIN").data_param.source
+    with lmdb.open(source, readonly=True, lock=False) as env, env.begin() as txn:
+        return [value for _, value in txn.cursor()]
+
+
+def test_the_seed_orders_the_fine_tunings_training_images(tmp_path, mlp):
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    seed0 = training_order(config(mlp, tmp_path / "a", settings=SearchSettings(seed=0)))
+    again = training_order(config(mlp, tmp_path / "b", settings=SearchSettings(seed=0)))
+    seed1 = training_order(config(mlp, tmp_path / "c", settings=SearchSettings(seed=1)))
+    assert seed0 == again and seed0 != seed1 and sorted(seed0) == sorted(seed1)  # the same images, reordered
 
 
 def finetune_init(out, number: str) -> str:
@@ -172,3 +192,27 @@ def test_an_overfit_baseline_searched_on_held_out_data_keeps_its_budget_on_the_t
     assert 100 * (report["accuracy"]["baseline"] - report["accuracy"]["decoded"]) <= 1.0
     assert report["size"]["rate"] > 5
     assert caffe_io.lmdb_entries(tmp_path / "test") == 10000
+
+
+def test_fine_tuning_aids_distil_from_the_baseline_ramp_p_and_count_epochs(tmp_path, mlp):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("layers: {ip1: {p: 0.8, b: 3}, ip2: {p: 0.5, b: 4}, ip3: {p: 0.3, b: 5}}\n")
+    aids = pipeline.Aids(epochs=0.05, ramp=0.5, distill=2.0, distill_weight=0.5)
+    report = pipeline.run(config(mlp, tmp_path / "out", plan=plan, aids=aids), **QUIET)
+    out = tmp_path / "out"
+    assert "max_iter: 5\n" in (out / "finetune_solver.prototxt").read_text()  # 0.05 x 6,000 images / batch 64
+    net = caffe_io.read_net_param(out / "clipq_finetune_train_val.prototxt")
+    ramps = {layer.name: json.loads(layer.python_param.param_str).get("ramp") for layer in net.layer
+             if layer.python_param.layer.startswith("ClipQ")}
+    assert ramps == {"ip1": 2, "ip2": 2, "ip3": 2}  # half of the 5 iterations, rounded
+    assert [layer.name for layer in net.layer if layer.name.startswith("teacher/")][-1] == "teacher/ip3"
+    assert [row["layer"] for row in report["layers"]] == ["ip1", "ip2", "ip3", "Overall"]  # no teacher stored
+    trained = {w.name: w.blobs for w in caffemodel.read(out / "finetuned.caffemodel")}
+    baseline = {w.name: w.blobs for w in caffemodel.read(mlp["weights"])}
+    assert np.array_equal(trained["teacher/ip1"][0], baseline["ip1"][0])
+    assert report["accuracy"]["decoded"] == report["accuracy"]["clipq_net"]
+
+
+def test_max_iter_and_epochs_together_are_refused(tmp_path, mlp):
+    with pytest.raises(ClipqError, match="--max-iter or --finetune-epochs"):
+        pipeline.run(config(mlp, tmp_path / "o", max_iter=5, aids=pipeline.Aids(epochs=1.0)), **QUIET)

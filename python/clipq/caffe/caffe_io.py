@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import lmdb
 import numpy as np
@@ -16,7 +17,7 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from clipq.caffe.caffemodel import encode_blob
-from clipq.util.atomic import atomic_write
+from clipq.util.atomic import atomic_dir, atomic_write
 from clipq.util.errors import ClipqError
 
 
@@ -123,13 +124,13 @@ def evaluate(prototxt: str | os.PathLike, weights: str | os.PathLike, iterations
     return {name: total / iterations for name, total in totals.items()}
 
 
-def test_data_layer(net_param, source: str):
-    """The net's one TEST-phase Data layer (an error naming `source` if there is none)."""
-    test = caffe_pb2().Phase.Value("TEST")
+def test_data_layer(net_param, source: str, phase: str = "TEST"):
+    """The net's one `phase` Data layer (an error naming `source` if there is none)."""
+    value = caffe_pb2().Phase.Value(phase)
     layers = [layer for layer in net_param.layer
-              if layer.type == "Data" and any(rule.phase == test for rule in layer.include)]
+              if layer.type == "Data" and any(rule.phase == value for rule in layer.include)]
     if len(layers) != 1:
-        raise ClipqError(f"{source}: expected one TEST-phase Data layer (include {{ phase: TEST }}), "
+        raise ClipqError(f"{source}: expected one {phase}-phase Data layer (include {{ phase: {phase} }}), "
                          f"found {len(layers)}")
     return layers[0]
 
@@ -147,12 +148,31 @@ def lmdb_entries(path: str | os.PathLike, role: str = "LMDB") -> int:
     return entries
 
 
-def with_test_source(net_param, lmdb_path: str | os.PathLike, source: str):
-    """A copy of a train_val NetParameter whose TEST Data layer reads `lmdb_path` (e.g. validation data)."""
+def with_test_source(net_param, lmdb_path: str | os.PathLike, source: str, phase: str = "TEST"):
+    """A copy of a train_val NetParameter whose `phase` Data layer reads `lmdb_path` (e.g. validation data
+    in TEST, a shuffled copy of the training data in TRAIN)."""
     net = caffe_pb2().NetParameter()
     net.CopyFrom(net_param)
-    test_data_layer(net, source).data_param.source = str(Path(lmdb_path).resolve())
+    test_data_layer(net, source, phase).data_param.source = str(Path(lmdb_path).resolve())
     return net
+
+
+def copy_lmdb(source: str | os.PathLike, out: Path, order: Callable[[int], np.ndarray], role: str = "LMDB") -> None:
+    """Write the entries of the LMDB `source` at positions `order(entries)`, in that order, as a new LMDB
+    (keys 00000000, 00000001, ...: Caffe's Data layer reads them so), atomically."""
+    try:
+        env = lmdb.open(str(source), readonly=True, lock=False, subdir=True)
+    except lmdb.Error as e:
+        raise ClipqError(f"{source}: cannot open the {role} ({e})") from None
+    with env.begin() as txn:
+        keys = [key for key, _ in txn.cursor()]
+        with atomic_dir(out) as tmp:
+            copy = lmdb.open(str(tmp), map_size=1 << 40, subdir=True)
+            with copy.begin(write=True) as wtxn:
+                for i, index in enumerate(order(len(keys))):
+                    wtxn.put(b"%08d" % i, txn.get(keys[index]))
+            copy.close()
+    env.close()
 
 
 def top1_blobs(net_param, source: str) -> tuple[str, str]:

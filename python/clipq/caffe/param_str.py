@@ -67,16 +67,22 @@ class LayerConfig:
     type: str                      # wrapped Caffe layer type: Convolution | InnerProduct
     param: dict = field(default_factory=dict)  # the wrapped *_param message, as protobuf's JSON mapping
     name: str = ""                 # the layer's name (a Python layer cannot see it otherwise; for errors)
+    ramp: int = 0                  # p ramps up to its value over this many training passes (gradual pruning);
+                                   # the layer then has a state blob, its pass count
 
     def to_param_str(self) -> str:
-        return WrappedParam(self.type, self.param, self.name, {"p": self.p, "bits": self.bits}).to_param_str()
+        options = {"p": self.p, "bits": self.bits, **({"ramp": self.ramp} if self.ramp else {})}
+        return WrappedParam(self.type, self.param, self.name, options).to_param_str()
 
     @classmethod
     def from_param_str(cls, text: str, layer_type: str) -> "LayerConfig":
         """Parse and validate; errors name the layer and the key."""
-        wrapped = WrappedParam.from_param_str(text, layer_type, ("p", "bits"), "CLIP-Q")
+        wrapped = WrappedParam.from_param_str(text, layer_type, ("p", "bits", "ramp"), "CLIP-Q")
+        ramp = wrapped.options.get("ramp", 0)
         try:
             lp = LayerPlan(wrapped.options.get("p"), wrapped.options.get("bits"))
+            if isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 0:
+                raise ValueError(f"ramp must be an integer >= 0 (training passes), got {ramp!r}")
         except ValueError as e:
             raise ValueError(f"CLIP-Q layer '{wrapped.name}' ({layer_type}) param_str: {e}") from None
-        return cls(lp.p, lp.bits, layer_type, wrapped.param, wrapped.name)
+        return cls(lp.p, lp.bits, layer_type, wrapped.param, wrapped.name, ramp)

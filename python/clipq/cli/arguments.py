@@ -6,11 +6,14 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from clipq.data import experiment
 from clipq.search.gp import SearchSettings
+from clipq.search.subset_eval import METRICS
 from clipq.util.errors import ClipqError
+from clipq.workflows.pipeline import Aids
 
 
 def positive_int(text: str) -> int:
@@ -93,6 +96,10 @@ def distinct_output(output: Path, **inputs) -> None:
             raise ClipqError(f"{output}: is also the {flag} file; write the output elsewhere")
 
 
+# The search metric and the fine-tuning aids of runs with an accuracy budget (measured: docs/pipeline.md,
+# "Choosing the defaults"); without a budget, the paper's (error, plain fine-tuning).
+BUDGET_METRIC = "kl"
+BUDGET_AIDS = Aids(epochs=None, ramp=0.0, distill=0.0)
 SEED_HELP = "seed of the subset and of the search (and, in compress, the fine-tuning's random_seed)"
 
 
@@ -107,7 +114,16 @@ def search_arguments(p, seed_help: str = SEED_HELP) -> None:
                    help="training images per evaluation (<= 100, or a multiple of 100)")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--p-max", type=open_fraction, default=0.99, help="largest pruning rate searched (default 0.99)")
+    metric_argument(p)
     executor_arguments(p)
+
+
+def metric_argument(p, default: str = f"{BUDGET_METRIC} with --max-drop, else error") -> None:
+    """--search-metric, shared by the commands with a search (`reproduce` too, which has no other option of it)."""
+    p.add_argument("--search-metric", choices=METRICS,
+                   help="what the search measures for each (p, b): error (top-1 error %%, the paper's), loss "
+                        "(100 x the net's loss) or kl (100 x the KL divergence of the net's outputs from the "
+                        f"uncompressed net's; needs no labels); default {default}")
 
 
 def executor_arguments(p) -> None:
@@ -149,7 +165,14 @@ def search_settings(args) -> SearchSettings:
     if args.initial > args.iterations:
         raise ClipqError(f"--initial {args.initial} is more than --iterations {args.iterations}")
     return SearchSettings(lam=args.lam, iterations=args.iterations, initial=args.initial, subset=args.subset,
-                          seed=args.seed, p_max=args.p_max)
+                          seed=args.seed, p_max=args.p_max, metric=search_metric(args))
+
+
+def search_metric(args) -> str:
+    """--search-metric, or its default: BUDGET_METRIC for a run with --max-drop, the paper's error otherwise."""
+    if args.search_metric:
+        return args.search_metric
+    return BUDGET_METRIC if getattr(args, "max_drop", None) is not None else "error"
 
 
 def from_experiment(args, fields: dict[str, str], out_name: str, optional: tuple[str, ...] = ("val",)) -> None:
@@ -168,6 +191,40 @@ def from_experiment(args, fields: dict[str, str], out_name: str, optional: tuple
     if args.experiment and not Path(args.weights).exists() and args.weights == Path(known["weights"]):
         raise ClipqError(f"{args.weights}: no baseline yet; train it first: clipq train --solver {known['solver']} "
                          f"--output {known['weights']}")
+
+
+def finetune_arguments(p, default: str = "with --max-drop: the measured defaults (docs/pipeline.md); else off") -> None:
+    """What the fine-tuning adds to the paper's plain fine-tuning, shared by `compress`, `compare`, `zoo` and
+    `reproduce`."""
+    g = p.add_argument_group(f"fine-tuning aids (default {default})")
+    g.add_argument("--finetune-epochs", type=positive_float, metavar="E",
+                   help="fine-tune E epochs of the training LMDB (the solver's schedule stretched to them) instead of "
+                        f"the solver's max_iter{_budget_default('epochs')}")
+    g.add_argument("--ramp", type=fraction_or_zero, metavar="SHARE",
+                   help="gradual pruning: each layer's p ramps up (Zhu & Gupta's cubic schedule) over this share of "
+                        f"the fine-tuning; 0 = off{_budget_default('ramp')}")
+    g.add_argument("--distill", type=nonnegative_float, metavar="T",
+                   help="distil from the uncompressed net at temperature T (a frozen copy of it in the Caffe net, a "
+                        f"soft-target loss); 0 = off{_budget_default('distill')}")
+    g.add_argument("--distill-weight", type=positive_float, metavar="W",
+                   help=f"the soft-target loss's weight (the labels' loss keeps 1){_budget_default('distill_weight')}")
+
+
+def _budget_default(name: str) -> str:
+    value = getattr(BUDGET_AIDS, name)
+    return f"; with --max-drop {value:g}" if value else ""
+
+
+def aids(args, budget: bool | None = None) -> Aids:
+    """The fine-tuning aids of `finetune_arguments`: each one given, else BUDGET_AIDS' for a run with an
+    accuracy budget (`budget`, default: whether --max-drop is given), else off."""
+    budget = getattr(args, "max_drop", None) is not None if budget is None else budget
+    defaults = BUDGET_AIDS if budget else Aids()
+    if getattr(args, "max_iter", None) is not None:
+        defaults = replace(defaults, epochs=None)  # --max-iter sets the length
+    given = {"epochs": args.finetune_epochs, "ramp": args.ramp, "distill": args.distill,
+             "distill_weight": args.distill_weight}
+    return replace(defaults, **{name: value for name, value in given.items() if value is not None})
 
 
 def budget_options(args) -> dict:

@@ -8,12 +8,15 @@ from pathlib import Path
 
 from clipq.caffe import preflight
 from clipq.cli.arguments import (
+    aids,
     budget_arguments,
     budget_exit,
     budget_options,
     executor_arguments,
     executor_options,
+    finetune_arguments,
     from_experiment,
+    metric_argument,
     positive_float,
     positive_int,
     search_arguments,
@@ -109,6 +112,7 @@ def add_compress(sub) -> None:
                         "(see clipq train --help)")
     search_arguments(p)
     budget_arguments(p)
+    finetune_arguments(p)
     p.set_defaults(func=_compress)
 
 
@@ -117,7 +121,8 @@ def _compress(args) -> int:
                     "compress")
     config = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, args.plan, search_settings(args),
                                      max_iter=args.max_iter, huffman=args.huffman, progress=not args.no_progress,
-                                     mpi=args.mpi or 0, **budget_options(args), **executor_options(args))
+                                     mpi=args.mpi or 0, aids=aids(args), **budget_options(args),
+                                     **executor_options(args))
     report = pipeline.run(config, log=lambda msg: print(msg, file=sys.stderr))
     print((args.out / "report.md").read_text())
     return budget_exit(report, args.command)
@@ -162,13 +167,14 @@ def add_compare(sub) -> None:
     p.add_argument("--max-iter", type=positive_int, help="fine-tuning iterations per method (default: the solver's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     search_arguments(p)
+    finetune_arguments(p, default="off, for every method")
     p.set_defaults(func=_compare)
 
 
 def _compare(args) -> int:
     cc = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, None, search_settings(args),
                                  max_iter=args.max_iter, huffman=args.huffman, progress=not args.no_progress,
-                                 val=args.val, **executor_options(args))
+                                 val=args.val, aids=aids(args, budget=False), **executor_options(args))
     config = compare.CompareConfig(cc, tuple(args.targets), args.matched, tuple(args.methods),
                                    {"lc": {"steps": args.lc_steps}})
     compare.run(config, log=lambda msg: print(msg, file=sys.stderr))
@@ -213,15 +219,18 @@ def add_reproduce(sub) -> None:
     p.add_argument("--smoke", action="store_true", help="synthetic data, minutes on a CPU")
     p.add_argument("--paper-plan", action="store_true", help="use the paper's (p, b) (Tables 1-3) instead of searching")
     executor_arguments(p)
+    metric_argument(p, default="error, as the paper")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     budget_arguments(p)
+    finetune_arguments(p, default="off: the paper's plain fine-tuning")
     p.set_defaults(func=_reproduce)
 
 
 def _reproduce(args) -> int:
     out = args.out or paths.cache_root() / "reproduce" / (args.net + ("_smoke" if args.smoke else ""))
     report = reproduce.run(args.net, out, args.imagenet, args.weights, args.smoke, args.paper_plan, args.jobs,
-                           not args.no_progress, log=lambda msg: print(msg, file=sys.stderr), **budget_options(args),
-                           ray=args.ray, ray_batch=args.ray_batch)
+                           not args.no_progress, log=lambda msg: print(msg, file=sys.stderr),
+                           metric=args.search_metric or "error", aids=aids(args, budget=False),
+                           **budget_options(args), ray=args.ray, ray_batch=args.ray_batch)
     print((out / "report.md").read_text())
     return budget_exit(report, args.command)

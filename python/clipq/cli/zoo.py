@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 from clipq.cli.arguments import (
+    aids,
     budget_arguments,
     budget_exit,
     budget_options,
     executor_options,
+    finetune_arguments,
     from_experiment,
     positive_int,
     search_arguments,
@@ -93,6 +95,7 @@ def add_zoo(sub) -> None:
     compare.add_argument("--batch", type=positive_int, default=16,
                          help="inputs per forward pass; without --inputs, the number of random inputs (default 16)")
     budget_arguments(p)
+    finetune_arguments(p)
     p.add_argument("--huffman", action="store_true", help="Huffman-code the .clipq streams")
     p.add_argument("--format", choices=["text", "md", "json"], default="text", help="what to print")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -105,7 +108,7 @@ def zoo_config(args: argparse.Namespace) -> zoo.ZooConfig:
                            "val": "val_lmdb"}, "zoo", optional=("train_val", "solver", "val"))
     compress = CompressConfig(args.model, args.weights, args.solver, args.out, args.plan, search_settings(args),
                               max_iter=args.max_iter, huffman=args.huffman, progress=not args.no_progress,
-                              **budget_options(args), **executor_options(args))
+                              aids=aids(args), **budget_options(args), **executor_options(args))
     return zoo.ZooConfig(compress, train_val=args.train_val, p=args.p, bits=args.b, search=args.search,
                          inputs=args.inputs, batch=args.batch)
 

@@ -1,5 +1,7 @@
 """CLIP-Q (section 3) as a method: one fine-tuning phase of ClipQ layers at the plan's (p, b), the operator
-recomputed every minibatch; its uniform variant (one (p, b) for every layer) and its sequential ablation
+recomputed every minibatch (optionally with p ramped up over the first part of it: gradual pruning, Zhu &
+Gupta's schedule p_t = p (1 - (1 - t / T)^3), which the every-minibatch recomputation makes natural); its
+uniform variant (one (p, b) for every layer) and its sequential ablation
 (prune with CLIP-Q's clip mask, retrain, then quantize with CLIP-Q's intervals), for `clipq compare`."""
 
 from __future__ import annotations
@@ -8,10 +10,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clipq.methods.base import LayerRole, Method, OperatingPoint, Phase, Plan, PruneThenShare, Stored, plan_label
+from clipq.methods.base import (
+    Blobs,
+    LayerRole,
+    Method,
+    OperatingPoint,
+    Phase,
+    Plan,
+    PruneThenShare,
+    Stored,
+    own,
+    plan_label,
+)
 from clipq.methods.registry import METHODS
 from clipq.plan import LayerPlan
 from clipq.quant import prune_quant
+
+
+def ramped_rate(p: float, passes: int, ramp: int) -> float:
+    """Zhu & Gupta's gradual pruning: p (1 - (1 - t/T)^3) after t of T ramp passes, p from then on."""
+    done = min(passes / ramp, 1.0) if ramp else 1.0
+    return p * (1.0 - (1.0 - done) ** 3)
 
 
 @METHODS.register
@@ -25,13 +44,20 @@ class ClipQ(Method):
     LAYER_KINDS = ("ClipQ",)
 
     plan: Plan = field(default_factory=dict)
+    ramp: int = 0  # training passes over which each layer's p ramps up to its value (0: the plan's p from the start)
 
     def layers(self):
         return list(self.plan)
 
     def phases(self):
-        roles = {n: LayerRole("ClipQ", {"p": float(lp.p), "bits": int(lp.bits)}) for n, lp in self.plan.items()}
-        return [Phase("finetune", 1.0, roles, None)]
+        options = {"ramp": self.ramp} if self.ramp else {}
+        roles = {n: LayerRole("ClipQ", {"p": float(lp.p), "bits": int(lp.bits), **options},
+                              state_blobs=1 if self.ramp else 0) for n, lp in self.plan.items()}
+
+        def with_counter(blobs: Blobs) -> Blobs:  # the ramp's pass count starts at 0
+            return {n: own(b, self.bias[n]) + [np.zeros(1, np.float32)] for n, b in blobs.items()}
+
+        return [Phase("finetune", 1.0, roles, with_counter if self.ramp else None)]
 
     def export(self, blobs):
         out = {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -46,8 +47,11 @@ class PathPlan:
 
 
 def _picks(errors: np.ndarray, benefits: np.ndarray, lams: np.ndarray) -> np.ndarray:
-    """Index of the lowest objective for every lambda (the first among equals, as `search.best`)."""
-    return np.argmin(errors[None, :] - lams[:, None] * benefits[None, :], axis=1)
+    """Index of the lowest objective for every lambda; among equals the larger model (smaller benefit), then
+    the earliest, as `gp.best`."""
+    objectives = errors[None, :] - lams[:, None] * benefits[None, :]
+    tied = objectives == objectives.min(axis=1, keepdims=True)
+    return np.argmin(np.where(tied, benefits[None, :], np.inf), axis=1)
 
 
 def _transitions(errors: np.ndarray, benefits: np.ndarray) -> np.ndarray:
@@ -64,8 +68,10 @@ def lagrangian_path(histories: dict[str, list[Evaluation]]) -> list[PathPlan]:
     arrays = {name: (np.array([e.error for e in h]), np.array([e.benefit for e in h]))
               for name, h in histories.items()}
     cuts = np.unique(np.concatenate([_transitions(*a) for a in arrays.values()] + [np.zeros(0)]))
-    bounds = np.concatenate([[0.0], cuts, [math.inf]])
-    # One lambda inside every interval between consecutive transitions (picks are constant there).
+    # lambda 0 itself (the least error, the largest model among equals: where top-1 cannot rank the points,
+    # the path starts at the largest of them), then one lambda inside every interval between consecutive
+    # transitions (picks are constant there)
+    bounds = np.concatenate([[0.0, 0.0], cuts, [math.inf]])
     probes = np.where(np.isinf(bounds[1:]), 2 * bounds[:-1] + 1, (bounds[:-1] + bounds[1:]) / 2)
     choice = np.stack([_picks(*arrays[name], probes) for name in histories], axis=1)
     path: list[PathPlan] = []
@@ -151,6 +157,21 @@ class Candidate:
     @property
     def key(self) -> tuple:
         return tuple((name, rounded_rate(lp.p), lp.bits) for name, lp in sorted(self.plan.items()))
+
+
+BACKOFF = LayerPlan(0.0, 8)  # a backed-off layer: nothing pruned, 8-bit linear levels (near the float32 layer)
+
+
+def backoff_candidates(first: PathPlan, size: Callable[[dict[str, LayerPlan]], float]) -> list[Candidate]:
+    """Plans larger than the lambda path's first, largest first: its layers backed off to BACKOFF one after the
+    other, the one whose pick the search measured worst first, until every layer is; `size` is a plan's share
+    of the float32 size. With them some plan meets any budget the (nearly) uncompressed net meets."""
+    order = sorted(first.picks, key=lambda name: (-first.picks[name].error, name))
+    plan, plans = first.plan, []
+    for count, name in enumerate(order, 1):
+        plan = {**plan, name: BACKOFF}
+        plans.append((plan, f"back-off {count}/{len(order)}: {', '.join(order[:count])} at p 0, b 8"))
+    return [Candidate(plan, size(plan), origin) for plan, origin in reversed(plans)]
 
 
 def path_candidates(path: list[PathPlan]) -> list[Candidate]:

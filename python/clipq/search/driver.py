@@ -45,7 +45,8 @@ def run(model, weights, out, layers: list[str] | None = None, settings: SearchSe
         histories = load_histories(job, layers)
         plan = {name: LayerPlan(best(h).p, best(h).bits) for name, h in histories.items()}
         for name, history in histories.items():
-            plot_layer(name, history, Path(out) / "plots" / f"{file_stem(name)}.png", job.settings.lam)
+            plot_layer(name, history, Path(out) / "plots" / f"{file_stem(name)}.png", job.settings.lam,
+                       job.settings.metric)
         save_plan(plan, Path(out) / "plan.yaml", extra={"lambda": job.settings.lam, "data": job.data, "searched": {
             name: {"objective": round(best(h).objective, 4), "error": round(best(h).error, 3),
                    "benefit": round(best(h).benefit, 6)} for name, h in histories.items()}})

@@ -37,6 +37,7 @@ class SearchSettings:
     subset: int = 5000
     seed: int = 0
     p_max: float = 0.99
+    metric: str = "error"  # what eps measures (`subset_eval.METRICS`): error, loss or kl
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,13 @@ class Evaluation:
     p: float
     b_raw: float   # GPyOpt's continuous b, before rounding
     bits: int
-    error: float   # top-1 error on the subset, percent
+    error: float   # the search metric on the subset: top-1 error in percent, or 100 x the loss / KL
     benefit: float  # c_i
     objective: float
     seconds: float
+
+
+METRIC_LABELS = {"error": "error %", "loss": "100 x loss", "kl": "100 x KL (nats)"}
 
 
 def objective(error: float, benefit: float, lam: float) -> float:
@@ -126,5 +130,6 @@ def _patch_gpyopt_local_penalization() -> None:
 
 
 def best(history: list[Evaluation]) -> Evaluation:
-    """The evaluation with the lowest objective (the earliest among equals)."""
-    return min(history, key=lambda e: (e.objective, e.iteration))
+    """The evaluation with the lowest objective; among equals the larger model (smaller benefit), then the
+    earliest."""
+    return min(history, key=lambda e: (e.objective, e.benefit, e.iteration))

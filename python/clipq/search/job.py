@@ -22,7 +22,7 @@ from clipq.util.errors import ClipqError
 class SearchJob:
     eval_prototxt: str
     weights: str
-    accuracy_blob: str
+    blobs: subset_eval.OutputBlobs
     out: str
     settings: SearchSettings
     model_id: str
@@ -30,8 +30,9 @@ class SearchJob:
     all_layers: tuple[str, ...]  # every compressible layer of the net, in order
 
     def make_evaluator(self):
-        """The job's SubsetEvaluator: (layer, p, bits) -> (error %, benefit), built once per worker."""
-        return subset_eval.SubsetEvaluator(self.eval_prototxt, self.weights, self.accuracy_blob, self.settings.subset)
+        """The job's SubsetEvaluator: (layer, p, bits) -> (metric, benefit), built once per worker."""
+        return subset_eval.SubsetEvaluator(self.eval_prototxt, self.weights, self.blobs, self.settings.subset,
+                                           self.settings.metric)
 
 
 def model_id(weights: str | os.PathLike) -> str:
@@ -75,11 +76,11 @@ def prepare(model, weights, out, layers: list[str] | None, settings: SearchSetti
     subset = out / f"subset_{tag}_{settings.subset}_seed{settings.seed}_lmdb"
     if not subset.exists():
         subset_eval.write_subset(source, settings.subset, settings.seed, subset)
-    eval_net, accuracy_blob = subset_eval.eval_net_param(net, subset.resolve(), settings.subset, str(model))
+    eval_net, blobs = subset_eval.eval_net_param(net, subset.resolve(), settings.subset, str(model))
     eval_prototxt = out / "search_net.prototxt"
     with atomic_write(eval_prototxt) as f:
         f.write(str(eval_net))
-    job = SearchJob(str(eval_prototxt), str(weights), accuracy_blob, str(out), settings, model_id(weights), source,
+    job = SearchJob(str(eval_prototxt), str(weights), blobs, str(out), settings, model_id(weights), source,
                     tuple(names))
     return job, layers
 

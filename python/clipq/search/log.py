@@ -38,7 +38,7 @@ def read_log(path: Path, layer: str, settings: SearchSettings, model_id: str, da
     if not lines:
         return []
     head = lines[0]
-    logged = {k: v for k, v in head.get("settings", {}).items() if k != "iterations"}
+    logged = {"metric": "error", **{k: v for k, v in head.get("settings", {}).items() if k != "iterations"}}
     mine = {k: v for k, v in asdict(settings).items() if k != "iterations"}
     if logged != mine or head.get("layer") != layer or head.get("model") != model_id \
             or head.get("data", "") != data:

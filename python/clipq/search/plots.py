@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from clipq.search.gp import B_DOMAIN, Evaluation, best
+from clipq.search.gp import B_DOMAIN, METRIC_LABELS, Evaluation, best
 from clipq.util.figures import pyplot, save_png
 
 
-def plot_layer(layer: str, history: list[Evaluation], path: Path, lam: float) -> None:
+def plot_layer(layer: str, history: list[Evaluation], path: Path, lam: float, metric: str = "error") -> None:
     """Fig. 3 of the paper for one layer: p, b before rounding and the objective per iteration, the
     chosen evaluation marked."""
     plt = pyplot()
@@ -19,7 +19,7 @@ def plot_layer(layer: str, history: list[Evaluation], path: Path, lam: float) ->
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     panels = [([e.p for e in history], "pruning rate p", (0, 1), chosen.p),
               ([e.b_raw for e in history], "b before rounding", B_DOMAIN, chosen.b_raw),
-              ([e.objective for e in history], f"error % - {lam:g} x c", None, chosen.objective)]
+              ([e.objective for e in history], f"{METRIC_LABELS[metric]} - {lam:g} x c", None, chosen.objective)]
     for ax, (values, label, ylim, mark) in zip(axes, panels):
         ax.plot(it, values, ".-", color="tab:blue", lw=0.8, label="evaluated")
         ax.plot([chosen.iteration + 1], [mark], "*", color="tab:red", ms=12, label="chosen")
@@ -30,6 +30,6 @@ def plot_layer(layer: str, history: list[Evaluation], path: Path, lam: float) ->
                  label="best so far")
     axes[2].legend(fontsize=8)
     fig.suptitle(f"{layer}: chosen p = {chosen.p:.3f}, b = {chosen.bits} (iteration {chosen.iteration + 1}; "
-                 f"error {chosen.error:.2f} %, c = {chosen.benefit:.4f})", fontsize=10)
+                 f"{METRIC_LABELS[metric]} {chosen.error:.3g}, c = {chosen.benefit:.4f})", fontsize=10)
     fig.tight_layout()
     save_png(fig, path)

@@ -27,18 +27,19 @@ from typing import Callable
 
 import numpy as np
 
-from clipq.caffe import caffe_io, caffemodel
+from clipq.caffe import caffe_io
 from clipq.methods import METHODS
 from clipq.methods.base import Method, Placement
 from clipq.plan import LayerPlan, load_plan
 from clipq.search import budget
 from clipq.search.log import read_histories
-from clipq.storage import size, sparse_codec
+from clipq.storage import size
 from clipq.util.atomic import atomic_write
 from clipq.util.errors import ClipqError
 from clipq.util.figures import pyplot, save_png
 from clipq.util.lock import output_directory
 from clipq.workflows import compressed_model, pipeline
+from clipq.workflows.compressed_model import SizeModel
 
 # The paper's Table 4 (AlexNet on ImageNet): method, top-1 change, size (Huffman-coded in brackets).
 PAPER_TABLE4 = [
@@ -79,28 +80,6 @@ class Point:
     make: Callable[[], Method]
 
 
-class SizeModel:
-    """Bytes of the `.clipq` file a plan would give on the baseline weights (the codec itself)."""
-
-    def __init__(self, weights: Path, layers: list[str]):
-        self.raw = [w for w in caffemodel.read(weights) if w.blobs]
-        self.blobs = {w.name: w.blobs for w in self.raw}
-        self.layers = layers
-        self.original = sum(4 * sum(np.size(b) for b in w.blobs) for w in self.raw)
-        self._cache: dict[tuple, int] = {}
-
-    def bytes(self, plan: dict[str, LayerPlan]) -> int:
-        key = tuple(sorted((n, round(lp.p, 6), lp.bits) for n, lp in plan.items()))
-        if key not in self._cache:
-            layers = [compressed_model.quantized_layer(w.name, w.type, w.blobs, plan[w.name]) if w.name in plan
-                      else sparse_codec.Layer(w.name, w.type, w.blobs) for w in self.raw]
-            self._cache[key] = len(sparse_codec.encode(layers))
-        return self._cache[key]
-
-    def rate(self, plan: dict[str, LayerPlan]) -> float:
-        return self.original / self.bytes(plan)
-
-
 def clipq_points(histories: dict, sizes: SizeModel, targets: tuple[float, ...]) -> list[dict[str, LayerPlan]]:
     """The plans nearest (in log rate) to each target rate, without repeats, largest first: the Lagrangian
     path's, with plans interpolated where the path leaves gaps (as the accuracy budget's rounds do)."""
@@ -132,7 +111,7 @@ def _compare(config: CompareConfig, log) -> dict:
     cc = config.compress
     out = cc.out
     stages = pipeline.Stages(out)
-    nets = pipeline.prepare_nets(cc)
+    nets = pipeline.prepare_nets(cc, log)
     baseline = pipeline.baseline_and_plan(cc, stages, nets, log)
     net = caffe_io.read_net_param(cc.model)
     layers = list(load_plan(out / "plan.yaml"))

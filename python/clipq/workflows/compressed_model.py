@@ -42,6 +42,28 @@ def quantized_layer(name: str, layer_type: str, blobs: list[np.ndarray], lp: Lay
                  codes, codebook, lp.bits, lp.p)
 
 
+class SizeModel:
+    """Bytes of the `.clipq` file a plan would give on the baseline weights (the codec itself)."""
+
+    def __init__(self, weights: Path, layers: list[str]):
+        self.raw = [w for w in caffemodel.read(weights) if w.blobs]
+        self.blobs = {w.name: w.blobs for w in self.raw}
+        self.layers = layers
+        self.original = sum(4 * sum(np.size(b) for b in w.blobs) for w in self.raw)
+        self._cache: dict[tuple, int] = {}
+
+    def bytes(self, plan: dict[str, LayerPlan]) -> int:
+        key = tuple(sorted((n, round(lp.p, 6), lp.bits) for n, lp in plan.items()))
+        if key not in self._cache:
+            layers = [quantized_layer(w.name, w.type, w.blobs, plan[w.name]) if w.name in plan
+                      else sparse_codec.Layer(w.name, w.type, w.blobs) for w in self.raw]
+            self._cache[key] = len(sparse_codec.encode(layers))
+        return self._cache[key]
+
+    def rate(self, plan: dict[str, LayerPlan]) -> float:
+        return self.original / self.bytes(plan)
+
+
 def model_layers(weights: str | os.PathLike, plan: dict[str, LayerPlan], types: dict[str, str]) -> list[Layer]:
     """The caffemodel's layers with blobs, the planned ones compressed (types: name -> type to record)."""
     layers, seen = [], set()

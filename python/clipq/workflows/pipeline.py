@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from clipq.caffe import caffe_io, caffemodel, convert, data_parallel, preflight, train
+from clipq.caffe import caffe_io, caffemodel, convert, data_parallel, distill, preflight, train
 from clipq.methods.base import Method
 from clipq.methods.clipq import ClipQ
 from clipq.plan import load_plan, rounded_rate, save_plan
@@ -42,6 +43,26 @@ from clipq.workflows import compressed_model
 from clipq.workflows import report as reporting
 
 SEARCH_ON = ("auto", "val", "train")
+
+
+@dataclass(frozen=True)
+class Aids:
+    """What the fine-tuning may add to the paper's plain fine-tuning (all off here; the command line's defaults
+    for a run with --max-drop are chosen by measurement, docs/pipeline.md)."""
+
+    epochs: float | None = None  # fine-tuning length in epochs of the training LMDB (None: the solver's max_iter)
+    ramp: float = 0.0            # share of the fine-tuning over which each layer's p ramps up (gradual pruning)
+    distill: float = 0.0         # temperature of the distillation from the uncompressed net (0: none)
+    distill_weight: float = 1.0  # the soft targets' loss weight (the labels' loss keeps its own)
+
+    def check(self) -> None:
+        if self.epochs is not None and not self.epochs > 0:
+            raise ClipqError(f"--finetune-epochs must be positive, got {self.epochs}")
+        if not 0 <= self.ramp < 1:
+            raise ClipqError(f"--ramp must be a share of the fine-tuning in [0, 1), got {self.ramp}")
+        if self.distill < 0 or not self.distill_weight > 0:
+            raise ClipqError(f"--distill must be >= 0 and --distill-weight > 0, got {self.distill} and "
+                             f"{self.distill_weight}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,7 @@ class CompressConfig:
     ray: str | None = None    # search on Ray: 'local' or a cluster's address (`ray_executor`); None: local processes
     ray_batch: int | None = None  # points per layer at a time on Ray (None: workers // unfinished layers)
     mpi: int = 0              # fine-tune in this many MPI processes (clipq.data_parallel); 0: one `caffe train`
+    aids: Aids = field(default_factory=Aids)  # distillation, gradual pruning, length in epochs
 
     @property
     def search_data(self) -> str:
@@ -120,6 +142,9 @@ class CompressConfig:
         solver = caffe_io.read_text_proto(self.solver, "SolverParameter", "solver prototxt")
         if (solver.max_iter if self.max_iter is None else self.max_iter) <= 0:
             raise ClipqError(f"{self.solver}: max_iter must be positive (or give --max-iter)")
+        self.aids.check()
+        if self.aids.epochs is not None and self.max_iter is not None:
+            raise ClipqError("give the fine-tuning's length once: --max-iter or --finetune-epochs")
 
 
 def file_id(path: Path) -> str:
@@ -197,6 +222,8 @@ def finetune_solver(config: CompressConfig, net: Path, work: Path, val_entries: 
     param.random_seed = config.settings.seed
     if config.max_iter is not None:
         param.max_iter = config.max_iter  # positive: CompressConfig.check_inputs
+    elif config.aids.epochs is not None:  # the whole schedule, steps included, stretched to the epochs
+        scale_schedule(param, finetune_iterations(config, net) / param.max_iter)
     scale_schedule(param, share)
     if val_entries is not None and len(param.test_iter):
         batch = caffe_io.test_data_layer(caffe_io.read_net_param(net), str(net)).data_param.batch_size
@@ -208,6 +235,21 @@ def finetune_solver(config: CompressConfig, net: Path, work: Path, val_entries: 
                 f"{', test_iter' if val_entries and len(param.test_iter) else ''} replaced"
                 f"{f'; schedule scaled to {share:g} of it' if share != 1.0 else ''})\n{param}")
     return path
+
+
+def finetune_iterations(config: CompressConfig, net: Path) -> int:
+    """The fine-tuning's iterations in all phases together: --max-iter, --finetune-epochs of the TRAIN LMDB of
+    `net` (the images one iteration takes: its batch x the solver's iter_size x the MPI ranks), or the
+    solver's max_iter."""
+    solver = caffe_io.read_text_proto(config.solver, "SolverParameter", "solver prototxt")
+    if config.max_iter is not None:
+        return config.max_iter
+    if config.aids.epochs is None:
+        return solver.max_iter
+    data = caffe_io.test_data_layer(caffe_io.read_net_param(net), str(net), "TRAIN").data_param
+    images = caffe_io.lmdb_entries(data.source, "training LMDB")
+    per_iteration = data.batch_size * max(solver.iter_size, 1) * max(config.mpi, 1)
+    return max(1, math.ceil(config.aids.epochs * images / per_iteration))
 
 
 def keep_snapshots_of(directory: Path, inputs: dict) -> None:
@@ -224,25 +266,59 @@ def keep_snapshots_of(directory: Path, inputs: dict) -> None:
 
 @dataclass(frozen=True)
 class Nets:
-    """The plain train_val as the pipeline runs it: TEST on the test set, and on the validation LMDB."""
+    """The plain train_val as the pipeline runs it: TEST on the test set (`test`), and on the validation LMDB
+    (`val`); and the net the fine-tuning trains (`train`): TRAIN on the seed's order of the training images,
+    its periodic test on the validation LMDB (or the test set without one)."""
 
     test: Path
     val: Path | None
+    train: Path
 
 
-def prepare_nets(config: CompressConfig) -> Nets:
+SHUFFLE_MAX_BYTES = 8 << 30  # a training LMDB larger than this is read in its own order (the copy would be too)
+
+
+def shuffled_training_data(net_param, source: str, seed: int, out: Path, log) -> Path | None:
+    """A copy of the net's TRAIN LMDB in the order of `seed` (Caffe's Data layer reads an LMDB in key order, so
+    without it every seed trains on the same minibatches); None, with a message, if the LMDB is too large."""
+    lmdb_path = Path(caffe_io.test_data_layer(net_param, source, "TRAIN").data_param.source)
+    if sum(f.stat().st_size for f in lmdb_path.glob("*.mdb")) > SHUFFLE_MAX_BYTES:
+        log(f"[data] {lmdb_path} is larger than {SHUFFLE_MAX_BYTES >> 30} GB: fine-tuning reads it in its own order")
+        return None
+    shuffled = out / f"train_order_seed{seed}_lmdb"
+    if not shuffled.exists():
+        caffe_io.copy_lmdb(lmdb_path, shuffled, lambda n: np.random.default_rng([seed, 1]).permutation(n),
+                           "training LMDB")
+    return shuffled
+
+
+def prepare_nets(config: CompressConfig, log=print) -> Nets:
     plain = caffe_io.read_net_param(config.model)
     absolute_sources(plain, Path.cwd())
     test = config.out / "plain_train_val.prototxt"
     with atomic_write(test) as f:
         f.write(str(plain))
-    if config.val is None:
-        return Nets(test, None)
-    val = config.out / "plain_val_train_val.prototxt"
-    with atomic_write(val) as f:
-        f.write(f"# {config.model} with its TEST Data layer reading the validation LMDB {config.val}\n"
-                f"{caffe_io.with_test_source(plain, config.val, str(config.model))}")
-    return Nets(test, val)
+    val = None
+    if config.val is not None:
+        val = config.out / "plain_val_train_val.prototxt"
+        with atomic_write(val) as f:
+            f.write(f"# {config.model} with its TEST Data layer reading the validation LMDB {config.val}\n"
+                    f"{caffe_io.with_test_source(plain, config.val, str(config.model))}")
+    finetuned = caffe_io.read_net_param(val) if val else plain
+    order = shuffled_training_data(plain, str(config.model), config.settings.seed, config.out, log)
+    if order is not None:
+        finetuned = caffe_io.with_test_source(finetuned, order, str(config.model), "TRAIN")
+    if config.aids.distill:
+        counts = {w.name: len(w.blobs) for w in caffemodel.read(config.weights)}
+        finetuned = distill.with_teacher(finetuned, counts, config.aids.distill, config.aids.distill_weight,
+                                         str(config.model))
+    train = config.out / "plain_finetune_train_val.prototxt"
+    with atomic_write(train) as f:
+        f.write(f"# {config.model} as fine-tuned: TRAIN reads {order or 'its LMDB'}, the periodic test "
+                f"{config.val or 'its TEST data'}"
+                f"{f'; distilled from {config.weights} at T = {config.aids.distill:g}' if config.aids.distill else ''}"
+                f"\n{finetuned}")
+    return Nets(test, val, train)
 
 
 def score_val(prototxt: Path, weights: Path, correct_path: Path) -> dict:
@@ -268,6 +344,8 @@ def method_layers(method: Method, trained: Path, plain_net) -> list[sparse_codec
     stored = method.export({n: by_name[n].blobs for n in method.layers()})
     layers = []
     for name, layer in by_name.items():
+        if distill.is_teacher(name):  # the frozen teacher of a distilled fine-tuning is no part of the model
+            continue
         if name in stored:
             s = stored[name]
             bias = [np.asarray(b, np.float32) for b in layer.blobs[1:2]] if method.bias[name] else []
@@ -281,11 +359,15 @@ def method_layers(method: Method, trained: Path, plain_net) -> list[sparse_codec
     return layers
 
 
-def prepare_phase(phase, start: Path, layers: list[str], out: Path) -> str:
-    """Write the phase's starting caffemodel: `phase.prepare` on the compressed layers' blobs."""
-    trained = caffemodel.read(start)
-    prepared = phase.prepare({w.name: w.blobs for w in trained if w.name in layers})
-    caffemodel.write([caffemodel.LayerWeights(w.name, w.type, prepared.get(w.name, w.blobs)) for w in trained], out)
+def prepare_phase(phase, start: Path, layers: list[str], out: Path, teacher: str | None = None) -> str:
+    """Write the phase's starting caffemodel: `phase.prepare` on the compressed layers' blobs (if the phase has
+    one), and the baseline `teacher`'s layers under the teacher's names when the fine-tuning distills."""
+    trained = [w for w in caffemodel.read(start) if not distill.is_teacher(w.name)]
+    prepared = phase.prepare({w.name: w.blobs for w in trained if w.name in layers}) if phase.prepare else {}
+    weights = [caffemodel.LayerWeights(w.name, w.type, prepared.get(w.name, w.blobs)) for w in trained]
+    if teacher is not None:
+        weights += distill.teacher_layers(teacher)
+    caffemodel.write(weights, out)
     return str(out)
 
 
@@ -294,7 +376,8 @@ def compress_plan(config: CompressConfig, nets: Nets, stages: Stages, plan_path:
     """One CLIP-Q plan through `compress_method` (the ClipQ method)."""
     plan = load_plan(plan_path)
     convert.check_plan(caffe_io.read_net_param(nets.test), plan, str(plan_path))
-    method = ClipQ("clipq", {"plan": file_id(plan_path)}, plan=plan)
+    ramp = round(config.aids.ramp * finetune_iterations(config, nets.train))
+    method = ClipQ("clipq", {"plan": file_id(plan_path), **({"ramp": ramp} if ramp else {})}, plan=plan, ramp=ramp)
     return {**compress_method(config, nets, stages, method, init_weights, log), "plan": str(plan_path)}
 
 
@@ -309,20 +392,21 @@ def run_phase(config: CompressConfig, nets: Nets, stages: Stages, method, phase,
     """prepare -> convert -> `caffe train` of one phase in `work`; (its test-set net, its trained weights)."""
     settings = json.dumps(method.settings, sort_keys=True, default=str)
     start = weights
-    if phase.prepare is not None:
+    if phase.prepare is not None or config.aids.distill:
         start = work / "start.caffemodel"
-        stages.run(f"{prefix}prepare", {"weights": file_id(weights), "method": settings}, [start],
-                   lambda: prepare_phase(phase, weights, method.layers(), start), log)
+        teacher = str(config.weights) if config.aids.distill else None
+        inputs = {"weights": file_id(weights), "method": settings, **({"teacher": teacher} if teacher else {})}
+        stages.run(f"{prefix}prepare", inputs, [start],
+                   lambda: prepare_phase(phase, weights, method.layers(), start, teacher), log)
     title = f"{method.name}, phase {phase.name}"
     test_net = work / f"{method.name}_train_val.prototxt"
     stages.run(f"{prefix}convert", {"model": file_id(nets.test), "method": settings}, [test_net],
                lambda: write_method_net(nets.test, phase, title, test_net), log)
-    train_net, val_entries = test_net, None
-    if nets.val is not None:  # fine-tuning monitors the validation images, never the test images
-        train_net = work / f"{method.name}_val_train_val.prototxt"
-        stages.run(f"{prefix}convert-val", {"model": file_id(nets.val), "method": settings}, [train_net],
-                   lambda: write_method_net(nets.val, phase, title, train_net), log)
-        val_entries = caffe_io.lmdb_entries(config.val)
+    # the fine-tuning monitors the validation images, never the test images
+    train_net = work / f"{method.name}_finetune_train_val.prototxt"
+    stages.run(f"{prefix}convert-finetune", {"model": file_id(nets.train), "method": settings}, [train_net],
+               lambda: write_method_net(nets.train, phase, title, train_net), log)
+    val_entries = caffe_io.lmdb_entries(config.val) if config.val is not None else None
     finetuned = work / "finetuned.caffemodel"
     solver = finetune_solver(config, train_net, work, val_entries, phase.share)
     finetune_in = {"net": file_id(train_net), "solver": file_id(solver), "init": file_id(start)}
@@ -417,7 +501,7 @@ def baseline_and_plan(config: CompressConfig, stages: Stages, nets: Nets, log) -
 def _run_stages(config: CompressConfig, log) -> dict:
     out = config.out
     stages = Stages(out)
-    nets = prepare_nets(config)
+    nets = prepare_nets(config, log)
     baseline = baseline_and_plan(config, stages, nets, log)
     plan_path = out / "plan.yaml"
     if config.max_drop is None:
@@ -439,16 +523,22 @@ def _run_stages(config: CompressConfig, log) -> dict:
 def budget_rounds(config: CompressConfig, nets: Nets, baseline: dict, log) -> list[dict]:
     """Bisect the search's Lagrangian path (`search.budget`): each round fine-tunes one plan, warm-started from
     the full-precision weights of the smallest round that met the budget so far (the baseline before any),
-    and measures its decoded model on the validation LMDB."""
+    and measures its decoded model on the validation LMDB. When even the path's largest plan misses, its
+    back-off plans (larger still, up to every layer at p 0, b 8) join the bisection."""
     layers = list(load_plan(config.out / "plan.yaml"))
     path = budget.lagrangian_path(read_histories(config.out, layers))
     candidates = budget.path_candidates(path)
+    sizes = compressed_model.SizeModel(Path(config.weights), layers)
+    backoff = budget.backoff_candidates(path[0], lambda plan: sizes.bytes(plan) / sizes.original)
     baseline_correct = np.load(config.out / "baseline_val_correct.npy")
     met: dict[tuple, bool] = {}
     rounds: list[dict] = []
     init = Path(config.weights)
     for number in range(1, config.rounds + 1):
         index = budget.next_candidate(candidates, met)
+        if index is None and backoff and not any(met.values()):  # even the path's largest plan missed
+            candidates, backoff = backoff + candidates, []
+            index = budget.next_candidate(candidates, met)
         if index is None:
             break
         candidate = candidates[index]

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from clipq.caffe import caffe_io
+from clipq.search.gp import METRIC_LABELS
 from clipq.storage import size
 from clipq.util.atomic import atomic_write
 from clipq.util.figures import pyplot, save_png
@@ -20,8 +21,19 @@ def data_protocol(config) -> dict:
         search_on = f"validation LMDB {config.val} (held out)"
     else:
         search_on = "a random subset of the TRAIN LMDB (the paper's choice)"
-    return {"search": search_on, "val": str(config.val) if config.val else None,
-            "test": "the train_val's TEST Data layer", "synthetic": config.synthetic}
+    return {"search": search_on, "metric": config.settings.metric, "val": str(config.val) if config.val else None,
+            "test": "the train_val's TEST Data layer", "synthetic": config.synthetic,
+            "training_order": f"shuffled by seed {config.settings.seed}"}
+
+
+def aids_text(aids: dict) -> str:
+    """The fine-tuning aids of a report, as a phrase."""
+    parts = [f"{aids['epochs']:g} epochs" if aids.get("epochs") else "the solver's iterations"]
+    if aids.get("ramp"):
+        parts.append(f"p ramped over the first {aids['ramp']:.0%} (gradual pruning)")
+    if aids.get("distill"):
+        parts.append(f"distilled from the baseline at T {aids['distill']:g} (weight {aids['distill_weight']:g})")
+    return ", ".join(parts)
 
 
 def make_report(config, baseline: dict, result: dict, rounds: list[dict] | None, seconds: dict) -> dict:
@@ -33,7 +45,7 @@ def make_report(config, baseline: dict, result: dict, rounds: list[dict] | None,
     report = {
         "model": str(config.model), "weights": str(config.weights), "solver": str(config.solver),
         "plan": result["plan"], "searched": config.plan is None, "settings": asdict(config.settings),
-        "data": data_protocol(config), "clipq": str(packed), "decoded": result["decoded"],
+        "data": data_protocol(config), "aids": asdict(config.aids), "clipq": str(packed), "decoded": result["decoded"],
         "accuracy": {"baseline": baseline["test"].get("accuracy"), "clipq_net": scores["method_net"].get("accuracy"),
                      "decoded": scores["decoded"].get("accuracy")},
         "top5": {"baseline": baseline["test"].get("accuracy_top5"), "decoded": scores["decoded"].get("accuracy_top5")},
@@ -124,7 +136,9 @@ def report_markdown(report: dict) -> str:
         f"# CLIP-Q compression report: {Path(report['model']).name}",
         "",
         f"- weights: `{report['weights']}`; plan: `{report['plan']}` ({'searched' if report['searched'] else 'given'})",
-        f"- search error measured on: {report['data']['search']}",
+        f"- search: {METRIC_LABELS[report['data'].get('metric', 'error')]} measured on {report['data']['search']}",
+        *([f"- fine-tuning: {aids_text(report['aids'])}; training order {report['data']['training_order']}"]
+          if "aids" in report else []),
         f"- top-1 (test set): baseline **{acc['baseline']:.4f}**, CLIP-Q net **{acc['clipq_net']:.4f}**, "
         f"decoded plain caffemodel **{acc['decoded']:.4f}** (drop {drop:+.2f} points"
         + ("; SYNTHETIC data: random images and labels, so no accuracy means anything)"

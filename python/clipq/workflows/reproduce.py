@@ -138,12 +138,14 @@ def solver_for(solver: Path, out: Path, smoke: bool) -> Path:
 
 
 def run(net: str, out: Path, imagenet: Path | None = None, weights: Path | None = None, smoke: bool = False,
-        paper_plan: bool = False, jobs: int = 1, progress: bool = True, log=print, **budget) -> dict:
+        paper_plan: bool = False, jobs: int = 1, progress: bool = True, log=print, metric: str = "error",
+        aids: pipeline.Aids = pipeline.Aids(), **budget) -> dict:
     """Reproduce one of the paper's nets (or its smoke run); returns the `clipq compress` report.
 
     `budget`: the held-out options of `CompressConfig` (val, search_on, max_drop, rounds, se_margin) and
     its Ray executor's (ray, ray_batch).
-    The paper searched on a training subset, which stays the default without `val`."""
+    The paper searched on a training subset, which stays the default without `val`, and measured the top-1
+    error (`metric`)."""
     train_val, deploy, params, solver = paper_files(net)
     out = Path(out)
     with output_directory(out, log):  # held across pipeline.run, which takes it again
@@ -151,14 +153,14 @@ def run(net: str, out: Path, imagenet: Path | None = None, weights: Path | None 
             imagenet = synthetic_imagenet(out / "synthetic_imagenet")
             weights = filler_weights(deploy, out / "filler_weights.caffemodel")
             settings = SearchSettings(lam=paper_lambda(params), iterations=SMOKE["evaluations"],
-                                      initial=SMOKE["evaluations"], subset=SMOKE["subset"])
+                                      initial=SMOKE["evaluations"], subset=SMOKE["subset"], metric=metric)
         elif imagenet is None or weights is None:
             raise ClipqError("give --imagenet (the ILSVRC-2012 LMDBs) and --weights (the zoo caffemodel), or --smoke")
         else:
-            settings = SearchSettings(lam=paper_lambda(params))
+            settings = SearchSettings(lam=paper_lambda(params), metric=metric)
         model = train_val_for(train_val, Path(imagenet), out, SMOKE["batch"] if smoke else None)
         config = pipeline.CompressConfig(model, Path(weights), solver_for(solver, out, smoke), out,
                                          plan=params if paper_plan else None, settings=settings, jobs=jobs,
                                          max_iter=SMOKE["iterations"] if smoke else None, progress=progress,
-                                         synthetic=smoke, **budget)
+                                         synthetic=smoke, aids=aids, **budget)
         return pipeline.run(config, log)
