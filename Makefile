@@ -6,7 +6,7 @@ CLIPQ := $(VENV)/bin/clipq
 MODELS := cache/models
 NETS := lenet5 lenet300_100
 
-.PHONY: install data baseline finetune compress results compare own-data demo paper-sizes test test-slow test-caffe prototxt clean
+.PHONY: install data baseline finetune compress results compare own-data seen-data demo paper-sizes test test-slow test-caffe prototxt clean
 
 install:                ## Debian packages, .venv, BVLC Caffe (cached build), clipq; then `clipq doctor`
 	tools/install.sh
@@ -93,6 +93,29 @@ own-data: install       ## your own data, by example: CSV -> clipq data -> clipq
 	        > $(OWN)/exp/compress_seed$$seed.txt 2>&1 || [ $$? -eq 1 ] || { tail -5 $(OWN)/exp/compress_seed$$seed.txt; exit 1; }; \
 	done
 	$(CLIPQ) summary $(foreach seed,$(OWN_SEEDS),$(OWN)/exp/compress_seed$(seed)) | tee $(OWN)/summary.md
+
+# A baseline that has seen the user's images (docs/pipeline.md): Fashion-MNIST's first 5,000 training images as
+# your data, a LeNet-5 trained on all of them (~100% top-1 on any split of them), compressed by `clipq compress
+# --experiment` with --max-drop SEEN_DROP on a `clipq data` split of them, then judged on the 10,000 real test
+# images it never saw (tools/seen_data.py report). SEEN_SEEDS="0 1 2" for a spread.
+SEEN := cache/seen_data
+SEEN_SEEDS ?= 0
+SEEN_DROP ?= 0.3
+TEST_LMDB := cache/data/fashion_mnist/test_lmdb
+
+seen-data: data         ## a baseline that has seen your images: compressed on them, judged on unseen test images
+	@mkdir -p $(SEEN); [ -f $(SEEN)/images.csv ] || $(PY) tools/fashion_mnist_csv.py $(SEEN)/images.csv
+	[ -d $(SEEN)/all ] || $(CLIPQ) data $(SEEN)/images.csv --out $(SEEN)/all --val 0 --test 0 --no-progress
+	$(PY) tools/seen_data.py baseline --data $(SEEN)/all --test $(TEST_LMDB) --out $(SEEN)/zoo
+	[ -d $(SEEN)/data ] || $(CLIPQ) data $(SEEN)/images.csv --out $(SEEN)/data --no-progress
+	[ -d $(SEEN)/exp ] || $(CLIPQ) init --deploy prototxt/lenet5/deploy.prototxt --data $(SEEN)/data --out $(SEEN)/exp
+	@for seed in $(SEEN_SEEDS); do \
+	    $(CLIPQ) compress --experiment $(SEEN)/exp --weights $(SEEN)/zoo/zoo.caffemodel --out $(SEEN)/compress_seed$$seed \
+	        --max-drop $(SEEN_DROP) --seed $$seed --no-progress > $(SEEN)/compress_seed$$seed.txt 2>&1 \
+	        || [ $$? -eq 1 ] || { tail -5 $(SEEN)/compress_seed$$seed.txt; exit 1; }; \
+	done
+	$(PY) tools/seen_data.py report --net $(SEEN)/zoo/train_val.prototxt --weights $(SEEN)/zoo/zoo.caffemodel \
+	    $(foreach seed,$(SEEN_SEEDS),$(SEEN)/compress_seed$(seed)) | tee $(SEEN)/summary.md
 
 demo: compress          ## install, data, baselines, then the CLIP-Q pipeline with --max-drop on LeNet-5 (FULL=1: both LeNets)
 	@echo; echo "Fashion-MNIST test top-1 of the baselines (10,000 images):"

@@ -128,8 +128,17 @@ def test_a_wide_gap_in_a_closed_bracket_is_filled_by_the_plan_between():
     assert len(candidates) == 4 and 0.009 < candidates[2].size < 0.0226
     met[candidates[2].key] = False
     assert budget.next_candidate(candidates, met) == 2  # again between 1 and the new miss
-    close = [candidate((0.95, 6), 0.0226), candidate((0.96, 6), 0.020)]
-    assert budget.next_candidate(close, {close[0].key: True, close[1].key: False}) is None  # < 1.25x apart
+    close = [candidate((0.95, 6), 0.0226), candidate((0.955, 6), 0.0218)]
+    assert budget.next_candidate(close, {close[0].key: True, close[1].key: False}) is None  # < 1.1x apart
+
+
+def test_the_closing_miss_is_the_missed_plan_just_below_the_smallest_that_met():
+    candidates = [candidate((0.8, 6), 0.08), candidate((0.95, 6), 0.0226), candidate((0.955, 6), 0.0218),
+                  candidate((0.99, 2), 0.005)]
+    met = {candidates[0].key: True, candidates[1].key: True, candidates[2].key: False, candidates[3].key: False}
+    assert budget.next_candidate(candidates, met) is None and budget.closing_miss(candidates, met) == 2
+    assert budget.closing_miss(candidates, {candidates[1].key: False}) is None  # nothing met: no bracket
+    assert budget.closing_miss(candidates, {candidates[3].key: True}) is None  # the smallest met: none below
 
 
 def test_densified_fills_gaps_between_far_apart_neighbours_only():
@@ -167,3 +176,36 @@ def test_back_off_plans_release_the_worst_measured_layer_first_up_to_every_layer
     assert candidates[-1].plan == {**first.plan, "ip1": budget.BACKOFF}  # ip1 measured worst: released first
     assert candidates[1].plan["conv1"] == first.plan["conv1"] and candidates[1].plan["ip2"] == budget.BACKOFF
     assert [c.size for c in candidates] == sorted((c.size for c in candidates), reverse=True)
+
+
+def test_rounds_retry_the_missed_end_of_a_closed_bracket_once_from_the_smallest_model_that_met():
+    candidates = [candidate((0.5 + 0.1 * i, 4), 0.1 / 2 ** i) for i in range(5)]  # 10% .. 0.625%, 2x apart
+
+    def meets(c: budget.Candidate, start: float) -> bool:  # a closer start tolerates a smaller plan
+        return c.size >= (0.02 if start == 1.0 else start / 1.6)
+
+    schedule, start, tried = budget.Rounds(list(candidates)), 1.0, []
+    while (picked := schedule.next(start)) is not None:
+        chosen, origin = picked
+        assert (chosen.key, start) not in tried  # never the same plan from the same start twice
+        tried.append((chosen.key, start))
+        met = meets(chosen, start)
+        schedule.record(chosen, met)
+        if met:
+            start = min(start, chosen.size)
+        assert len(tried) < 30
+    again = [key for key, _ in tried if sum(k == key for k, _ in tried) > 1]
+    assert again and start < 0.02  # some missed plan met when tried again from closer: below the base's reach
+
+
+def test_rounds_take_the_back_off_plans_when_even_the_largest_plan_misses():
+    candidates = [candidate((0.9, 3), 0.05), candidate((0.99, 2), 0.01)]
+    backoff = [candidate((0.0, 8), 0.3), candidate((0.5, 8), 0.15)]
+    schedule = budget.Rounds(list(candidates), list(backoff))
+    origins = []
+    while (picked := schedule.next("baseline")) is not None:
+        chosen, _ = picked
+        origins.append(chosen.size)
+        schedule.record(chosen, chosen.size >= 0.15)
+    assert 0.15 in origins and all(size != 0.3 or 0.15 in origins for size in origins)
+    assert schedule.met[backoff[1].key] and not schedule.met[candidates[0].key]

@@ -173,8 +173,9 @@ def _evaluate(args) -> int:
     if args.json:
         print(json.dumps(scores, indent=2))
     else:
+        width = max(map(len, scores), default=0) + 2
         for name, value in scores.items():
-            print(f"{name:<12}{value:.4f}")
+            print(f"{name:<{width}}{value:.4f}")
     return 0
 
 

@@ -18,8 +18,8 @@ Pure numpy: no Caffe.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
 
 import numpy as np
 
@@ -206,8 +206,11 @@ def densified(candidates: list[Candidate], ratio: float = 1.5, rounds: int = 4) 
     return out
 
 
+REFINE_RATIO = 1.1  # a closed bracket wider than this in size still gets the plan between its ends
+
+
 def next_candidate(candidates: list[Candidate], met: dict[tuple, bool],
-                   refine_ratio: float = 1.25) -> int | None:
+                   refine_ratio: float = REFINE_RATIO) -> int | None:
     """The position of the next plan to fine-tune in `candidates` (which it may extend), or None when done.
 
     Bisects the candidates in log size; when the bracket closes between two neighbours whose sizes differ
@@ -226,3 +229,43 @@ def next_candidate(candidates: list[Candidate], met: dict[tuple, bool],
         return None
     candidates.insert(high, middle)
     return high
+
+
+def closing_miss(candidates: list[Candidate], met: dict[tuple, bool]) -> int | None:
+    """The position of the plan that closes the bracket from below (the largest plan smaller than the smallest
+    that met, and known to miss), or None. A plan missed when fine-tuned from a larger model may meet when
+    fine-tuned again from the smallest model that met: the caller retries it once from there."""
+    results = {i: met[c.key] for i, c in enumerate(candidates) if c.key in met}
+    low, high = bracket(len(candidates), results)
+    return high if low >= 0 and high < len(candidates) else None
+
+
+@dataclass
+class Rounds:
+    """Which plan each round of the budget fine-tunes: the bisection of `candidates` (`next_candidate`); the
+    `backoff` plans join it when even the largest candidate missed; once the bracket is closed, its missed end
+    is tried once more if the smallest model that met is a closer start than the one it missed from."""
+
+    candidates: list[Candidate]
+    backoff: list[Candidate] = field(default_factory=list)
+    met: dict[tuple, bool] = field(default_factory=dict)
+    started: dict[tuple, Hashable] = field(default_factory=dict)  # the start of each plan's last fine-tuning
+
+    def next(self, start: Hashable) -> tuple[Candidate, str] | None:
+        """(the plan to fine-tune from `start`, where it comes from), or None when the rounds are done."""
+        index = next_candidate(self.candidates, self.met)
+        if index is None and self.backoff and not any(self.met.values()):
+            self.candidates, self.backoff = self.backoff + self.candidates, []
+            index = next_candidate(self.candidates, self.met)
+        again = index is None
+        if again:
+            index = closing_miss(self.candidates, self.met)
+            if index is None or self.started[self.candidates[index].key] == start:
+                return None
+            del self.met[self.candidates[index].key]
+        candidate = self.candidates[index]
+        self.started[candidate.key] = start
+        return candidate, candidate.origin + (", again from a smaller model" if again else "")
+
+    def record(self, candidate: Candidate, met: bool) -> None:
+        self.met[candidate.key] = met

@@ -524,41 +524,39 @@ def budget_rounds(config: CompressConfig, nets: Nets, baseline: dict, log) -> li
     """Bisect the search's Lagrangian path (`search.budget`): each round fine-tunes one plan, warm-started from
     the full-precision weights of the smallest round that met the budget so far (the baseline before any),
     and measures its decoded model on the validation LMDB. When even the path's largest plan misses, its
-    back-off plans (larger still, up to every layer at p 0, b 8) join the bisection."""
+    back-off plans (larger still, up to every layer at p 0, b 8) join the bisection; when the bracket is
+    closed, its missed end is fine-tuned once more from the smallest model that met (`budget.Rounds`)."""
     layers = list(load_plan(config.out / "plan.yaml"))
     path = budget.lagrangian_path(read_histories(config.out, layers))
-    candidates = budget.path_candidates(path)
     sizes = compressed_model.SizeModel(Path(config.weights), layers)
     backoff = budget.backoff_candidates(path[0], lambda plan: sizes.bytes(plan) / sizes.original)
+    schedule = budget.Rounds(budget.path_candidates(path), backoff)
     baseline_correct = np.load(config.out / "baseline_val_correct.npy")
-    met: dict[tuple, bool] = {}
     rounds: list[dict] = []
     init = Path(config.weights)
     for number in range(1, config.rounds + 1):
-        index = budget.next_candidate(candidates, met)
-        if index is None and backoff and not any(met.values()):  # even the path's largest plan missed
-            candidates, backoff = backoff + candidates, []
-            index = budget.next_candidate(candidates, met)
-        if index is None:
+        picked = schedule.next(init)
+        if picked is None:
             break
-        candidate = candidates[index]
+        candidate, origin = picked
         work = config.out / "rounds" / f"{number:02d}"
         plan_path = work / "plan.yaml"
-        save_plan(candidate.plan, plan_path, extra={"origin": candidate.origin})
-        log(f"[round {number}/{config.rounds}] {candidate.origin}, {100 * candidate.size:.2f}% of the float32 "
+        save_plan(candidate.plan, plan_path, extra={"origin": origin})
+        log(f"[round {number}/{config.rounds}] {origin}, {100 * candidate.size:.2f}% of the float32 "
             f"size; fine-tuning from {init.relative_to(config.out) if init.is_relative_to(config.out) else init}")
         result = compress_plan(config, nets, Stages(work), plan_path, init, log)
         drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
-        met[candidate.key] = budget.meets(drop, config.max_drop, config.se_margin)
+        met = budget.meets(drop, config.max_drop, config.se_margin)
+        schedule.record(candidate, met)
         test_drop = 100 * (baseline["test"]["accuracy"] - result["scores"]["decoded"]["accuracy"])
-        rounds.append({**result, "round": number, "origin": candidate.origin, "layers": {
+        rounds.append({**result, "round": number, "origin": origin, "layers": {
                            name: {"p": rounded_rate(lp.p), "b": lp.bits} for name, lp in candidate.plan.items()},
                        "val_drop": drop.points, "val_drop_se": drop.se, "test_drop": test_drop,
-                       "met": met[candidate.key]})
+                       "met": met})
         log(f"[round {number}] {result['clipq_bytes']:,} bytes, validation drop {drop.points:+.2f} "
-            f"(+- {drop.se:.2f}) points: {'meets' if met[candidate.key] else 'misses'} the budget of "
+            f"(+- {drop.se:.2f}) points: {'meets' if met else 'misses'} the budget of "
             f"{config.max_drop:g}")
-        if met[candidate.key] and all(result["clipq_bytes"] <= r["clipq_bytes"] for r in rounds if r["met"]):
+        if met and all(result["clipq_bytes"] <= r["clipq_bytes"] for r in rounds if r["met"]):
             # the next, smaller plans start from the smallest model that met the budget; never from one that
             # missed it, whose weights adapted to a harsher plan than any that will follow
             init = work / "finetuned.caffemodel"

@@ -26,6 +26,13 @@ def data_protocol(config) -> dict:
             "training_order": f"shuffled by seed {config.settings.seed}"}
 
 
+def search_text(report: dict) -> str:
+    """What the search measured and on which images, as a phrase."""
+    if not report["searched"]:
+        return report["data"]["search"]
+    return f"{METRIC_LABELS[report['data'].get('metric', 'error')]} measured on {report['data']['search']}"
+
+
 def aids_text(aids: dict) -> str:
     """The fine-tuning aids of a report, as a phrase."""
     parts = [f"{aids['epochs']:g} epochs" if aids.get("epochs") else "the solver's iterations"]
@@ -136,7 +143,7 @@ def report_markdown(report: dict) -> str:
         f"# CLIP-Q compression report: {Path(report['model']).name}",
         "",
         f"- weights: `{report['weights']}`; plan: `{report['plan']}` ({'searched' if report['searched'] else 'given'})",
-        f"- search: {METRIC_LABELS[report['data'].get('metric', 'error')]} measured on {report['data']['search']}",
+        f"- search: {search_text(report)}",
         *([f"- fine-tuning: {aids_text(report['aids'])}; training order {report['data']['training_order']}"]
           if "aids" in report else []),
         f"- top-1 (test set): baseline **{acc['baseline']:.4f}**, CLIP-Q net **{acc['clipq_net']:.4f}**, "
