@@ -209,3 +209,25 @@ def test_rounds_take_the_back_off_plans_when_even_the_largest_plan_misses():
         schedule.record(chosen, chosen.size >= 0.15)
     assert 0.15 in origins and all(size != 0.3 or 0.15 in origins for size in origins)
     assert schedule.met[backoff[1].key] and not schedule.met[candidates[0].key]
+
+
+def test_plans_bunched_at_the_ends_of_a_bracket_give_way_to_the_plan_halfway_between():
+    candidates = [candidate((0.9357, 2), 0.0221), candidate((0.94, 2), 0.0216), candidate((0.9715, 3), 0.0151),
+                  candidate((0.975, 3), 0.0147)]
+    met = {candidates[0].key: True, candidates[3].key: False}
+    index = budget.next_candidate(candidates, met)
+    assert len(candidates) == 5 and candidates[index].origin == "between two neighbours of the path"
+    assert candidates[index].size == pytest.approx(math.sqrt(0.0221 * 0.0147))
+    assert [c.size for c in candidates] == sorted((c.size for c in candidates), reverse=True)
+    inside = [candidate((0.9357, 2), 0.0221), candidate((0.955, 2), 0.018), candidate((0.975, 3), 0.0147)]
+    assert budget.next_candidate(inside, {inside[0].key: True, inside[2].key: False}) == 1  # in the middle half
+
+
+def test_validation_looks_seen_when_the_baseline_scores_as_well_on_it_as_on_training_images():
+    def scores(val: float, train: float) -> dict:
+        return {"val": {"accuracy": val, "images": 500}, "train_sample": {"accuracy": train, "images": 500}}
+
+    assert budget.validation_looks_seen(scores(0.996, 0.998))  # a zoo model trained on the same images
+    assert not budget.validation_looks_seen(scores(0.904, 0.940))  # 3.6 points apart: held out
+    assert not budget.validation_looks_seen({"val": {"accuracy": 0.9, "images": 500}})  # nothing to compare
+    assert "99.60% on the 500 validation images" in budget.seen_warning(scores(0.996, 0.998))

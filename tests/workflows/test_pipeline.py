@@ -62,6 +62,8 @@ def test_with_val_the_search_and_the_fine_tuning_monitor_see_only_the_validation
     assert str(mlp["val"].resolve()) in finetuned and str(tmp_path / "train_order_seed0_lmdb") in finetuned
     assert 'test_iter: 10' in (tmp_path / "finetune_solver.prototxt").read_text()  # 1000 val images / batch 100
     assert report["val_accuracy"]["images"] == 1000
+    assert 0 < report["val_accuracy"]["baseline_on_training_images"] <= 1  # on 1,000 training images
+    assert caffe_io.lmdb_entries(tmp_path / "train_sample_1000_lmdb") == 1000
     assert report["val_accuracy"]["decoded"] == pytest.approx(np.load(tmp_path / "val_correct.npy").mean())
 
 

@@ -111,6 +111,26 @@ def paired_drop(baseline_correct: np.ndarray, model_correct: np.ndarray) -> Drop
     return Drop(100.0 * float(diff.mean()), 100.0 * float(se))
 
 
+def seen_warning(baseline: dict) -> str:
+    return (f"the baseline scores {100 * baseline['val']['accuracy']:.2f}% on the {baseline['val']['images']:,} "
+            f"validation images and {100 * baseline['train_sample']['accuracy']:.2f}% on as many training images: "
+            "it looks trained on the validation images too; their drop then counts what compression makes it "
+            "forget, and the budget keeps a larger model than images it never saw would need. Hold out images "
+            "the baseline never saw for --val.")
+
+
+def validation_looks_seen(baseline: dict) -> bool:
+    """Whether the baseline scores about as well on the validation images as on training images (less than two
+    standard errors of the difference apart): as if it had been trained on them too (say, a zoo model trained
+    on the same images). Its validation drop then counts what compression makes it forget as damage, so the
+    budget keeps larger models than images it never saw would ask for."""
+    val, train = baseline.get("val"), baseline.get("train_sample")
+    if not val or not train:
+        return False
+    se = math.sqrt(sum(s["accuracy"] * (1 - s["accuracy"]) / s["images"] for s in (val, train)))
+    return train["accuracy"] - val["accuracy"] < 2 * se
+
+
 def meets(drop: Drop, max_drop: float, se_margin: float) -> bool:
     return drop.upper(se_margin) <= max_drop
 
@@ -213,22 +233,26 @@ def next_candidate(candidates: list[Candidate], met: dict[tuple, bool],
                    refine_ratio: float = REFINE_RATIO) -> int | None:
     """The position of the next plan to fine-tune in `candidates` (which it may extend), or None when done.
 
-    Bisects the candidates in log size; when the bracket closes between two neighbours whose sizes differ
-    by more than `refine_ratio`, the plan halfway between them is inserted and tried: the search's
-    evaluations are sparse where the error rises steeply, and the fine-tuning decides, not the search.
+    Bisects the candidates in log size. Where the bracket's ends (the smallest plan that met, the largest
+    smaller one that missed) are more than `refine_ratio` apart but no candidate lies in the middle half of
+    the bracket (the path's plans bunch up at its ends, or there are none), the plan halfway between the ends
+    is inserted and tried: the search's evaluations are sparse where the error rises steeply, and the
+    fine-tuning decides, not the search.
     """
     results = {i: met[c.key] for i, c in enumerate(candidates) if c.key in met}
     index = next_index([c.size for c in candidates], results)
-    if index is not None:
-        return index
     low, high = bracket(len(candidates), results)
     if low < 0 or high >= len(candidates) or candidates[low].size < refine_ratio * candidates[high].size:
-        return None
+        return index
+    ends = np.log([candidates[low].size, candidates[high].size])
+    if index is not None and abs(math.log(candidates[index].size) - ends.mean()) <= (ends[0] - ends[1]) / 4:
+        return index  # a candidate in the middle half of the bracket (in log size)
     middle = interpolate(candidates[low], candidates[high])
     if middle is None or middle.key in met:
-        return None
-    candidates.insert(high, middle)
-    return high
+        return index
+    position = next(i for i in range(low + 1, high + 1) if i == high or candidates[i].size < middle.size)
+    candidates.insert(position, middle)
+    return position
 
 
 def closing_miss(candidates: list[Candidate], met: dict[tuple, bool]) -> int | None:

@@ -31,7 +31,7 @@ from clipq.caffe import caffe_io, caffemodel, convert, data_parallel, distill, p
 from clipq.methods.base import Method
 from clipq.methods.clipq import ClipQ
 from clipq.plan import load_plan, rounded_rate, save_plan
-from clipq.search import budget, driver
+from clipq.search import budget, driver, subset_eval
 from clipq.search.gp import SearchSettings
 from clipq.search.job import model_id
 from clipq.search.log import read_histories
@@ -333,7 +333,24 @@ def evaluate_baseline(config: CompressConfig, nets: Nets) -> dict:
     scores = {"test": caffe_io.evaluate(nets.test, config.weights)}
     if nets.val is not None:
         scores["val"] = score_val(nets.val, config.weights, config.out / "baseline_val_correct.npy")
+        scores["train_sample"] = score_training_sample(config, nets, scores["val"]["images"])
     return scores
+
+
+def score_training_sample(config: CompressConfig, nets: Nets, count: int) -> dict:
+    """Top-1 of the baseline on `count` random training images (as many as --val has): a baseline that never
+    saw the validation images scores clearly better on its training images (`budget.validation_looks_seen`)."""
+    plain = caffe_io.read_net_param(nets.test)
+    source = subset_eval.training_source(plain, str(config.model))
+    count = min(count, caffe_io.lmdb_entries(source, "training LMDB"))
+    sample = config.out / f"train_sample_{count}_lmdb"
+    if not sample.exists():
+        subset_eval.write_subset(source, count, 0, sample)
+    net = config.out / "plain_train_sample_train_val.prototxt"
+    with atomic_write(net) as f:
+        f.write(str(caffe_io.with_test_source(plain, sample, str(config.model))))
+    correct = caffe_io.correct_per_image(net, config.weights)
+    return {"accuracy": float(correct.mean()), "images": int(correct.size)}
 
 
 def method_layers(method: Method, trained: Path, plain_net) -> list[sparse_codec.Layer]:
@@ -477,6 +494,8 @@ def baseline_and_plan(config: CompressConfig, stages: Stages, nets: Nets, log) -
     model_in = {"model": file_id(nets.test), "weights": file_id(config.weights), "val": str(config.val)}
     baseline = stages.run("baseline", model_in, [out / "baseline_val_correct.npy"] if nets.val else [],
                           lambda: evaluate_baseline(config, nets), log)
+    if budget.validation_looks_seen(baseline):
+        log(f"[baseline] WARNING: {budget.seen_warning(baseline)}")
 
     plan_path = out / "plan.yaml"
 

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from clipq.caffe import caffe_io
+from clipq.search import budget
 from clipq.search.gp import METRIC_LABELS
 from clipq.storage import size
 from clipq.util.atomic import atomic_write
@@ -57,7 +58,10 @@ def make_report(config, baseline: dict, result: dict, rounds: list[dict] | None,
                      "decoded": scores["decoded"].get("accuracy")},
         "top5": {"baseline": baseline["test"].get("accuracy_top5"), "decoded": scores["decoded"].get("accuracy_top5")},
         "val_accuracy": ({"baseline": baseline["val"]["accuracy"], "decoded": scores["decoded_val"]["accuracy"],
-                          "images": baseline["val"]["images"]} if "val" in baseline else None),
+                          "images": baseline["val"]["images"], "baseline_on_training_images":
+                          baseline.get("train_sample", {}).get("accuracy"),
+                          "looks_seen": budget.validation_looks_seen(baseline)}
+                         if "val" in baseline else None),
         "size": {"float32_bytes": total.original, "clipq_file_bytes": packed.stat().st_size,
                  "rate": total.original / packed.stat().st_size, "huffman": header["huffman"]},
         "layers": [asdict(r) | {"rate": r.rate} for r in size.rows(layers) + [total]],
@@ -152,6 +156,10 @@ def report_markdown(report: dict) -> str:
            if report["data"].get("synthetic") else ")"),
         *([f"- top-1 (validation, {val['images']:,} held-out images): baseline {val['baseline']:.4f}, decoded "
            f"{val['decoded']:.4f} (drop {100 * (val['baseline'] - val['decoded']):+.2f} points)"] if val else []),
+        *([f"- **the validation images look seen**: the baseline scores {100 * val['baseline']:.2f}% on them and "
+           f"{100 * val['baseline_on_training_images']:.2f}% on as many training images; their drop counts what "
+           "compression makes it forget, so the budget kept a larger model than unseen images would ask for"]
+          if val and val.get("looks_seen") else []),
         *([f"- top-5: baseline **{report['top5']['baseline']:.4f}**, decoded **{report['top5']['decoded']:.4f}**"]
           if report["top5"]["baseline"] is not None else []),
         f"- size: float32 weights {size.format_bytes(report['size']['float32_bytes'])} -> "
