@@ -231,3 +231,15 @@ def test_validation_looks_seen_when_the_baseline_scores_as_well_on_it_as_on_trai
     assert not budget.validation_looks_seen(scores(0.904, 0.940))  # 3.6 points apart: held out
     assert not budget.validation_looks_seen({"val": {"accuracy": 0.9, "images": 500}})  # nothing to compare
     assert "99.60% on the 500 validation images" in budget.seen_warning(scores(0.996, 0.998))
+
+
+def test_a_narrow_bracket_retries_its_missed_end_before_refining_between():
+    candidates = [candidate((0.9, 3), 0.04), candidate((0.95, 3), 0.0226), candidate((0.96, 3), 0.020)]
+    schedule = budget.Rounds(list(candidates))
+    first, _ = schedule.next("baseline")
+    schedule.record(first, True)
+    second, _ = schedule.next("baseline")  # not yet narrow: bisect
+    schedule.record(second, second.size > 0.021)
+    assert schedule.bracket_ratio() == pytest.approx(0.0226 / 0.020)
+    third, origin = schedule.next("round 2")  # 1.13x apart, and the miss began elsewhere: retry it first
+    assert third.key == candidates[2].key and origin.endswith("again from a smaller model")

@@ -96,10 +96,9 @@ def distinct_output(output: Path, **inputs) -> None:
             raise ClipqError(f"{output}: is also the {flag} file; write the output elsewhere")
 
 
-# The search metric and the fine-tuning aids of runs with an accuracy budget (measured: docs/pipeline.md,
-# "Choosing the defaults"); without a budget, the paper's (error, plain fine-tuning).
-BUDGET_METRIC = "kl"
-BUDGET_AIDS = Aids(epochs=None, ramp=0.0, distill=0.0)
+# The fine-tuning aids of runs with an accuracy budget (measured: docs/pipeline.md, "Choosing the defaults");
+# without a budget, the paper's plain fine-tuning.
+BUDGET_AIDS = Aids(distill=4.0)
 SEED_HELP = "seed of the subset and of the search (and, in compress, the fine-tuning's random_seed)"
 
 
@@ -118,12 +117,12 @@ def search_arguments(p, seed_help: str = SEED_HELP) -> None:
     executor_arguments(p)
 
 
-def metric_argument(p, default: str = f"{BUDGET_METRIC} with --max-drop, else error") -> None:
+def metric_argument(p) -> None:
     """--search-metric, shared by the commands with a search (`reproduce` too, which has no other option of it)."""
-    p.add_argument("--search-metric", choices=METRICS,
-                   help="what the search measures for each (p, b): error (top-1 error %%, the paper's), loss "
-                        "(100 x the net's loss) or kl (100 x the KL divergence of the net's outputs from the "
-                        f"uncompressed net's; needs no labels); default {default}")
+    p.add_argument("--search-metric", choices=METRICS, default="error",
+                   help="what the search measures for each (p, b): error (top-1 error %%, the paper's; default), "
+                        "loss (100 x the net's loss) or kl (100 x the KL divergence of the net's outputs from the "
+                        "uncompressed net's; needs no labels, and ranks points where the error is 0)")
 
 
 def executor_arguments(p) -> None:
@@ -153,8 +152,8 @@ def budget_arguments(p) -> None:
                    help="the smallest model whose decoded caffemodel loses at most POINTS top-1 points on --val: "
                         "bisects the plans the search's evaluations give at every lambda, one fine-tuning per "
                         "round (needs --val; without it, one round at --lam)")
-    g.add_argument("--rounds", type=positive_int, default=5,
-                   help="at most this many fine-tuning rounds for --max-drop (default 5)")
+    g.add_argument("--rounds", type=positive_int, default=6,
+                   help="at most this many fine-tuning rounds for --max-drop (default 6)")
     g.add_argument("--se-margin", type=nonnegative_float, default=1.0,
                    help="a round meets --max-drop when its validation drop plus this many standard errors of that "
                         "drop is within the budget (default 1; 0 = the drop alone)")
@@ -165,14 +164,7 @@ def search_settings(args) -> SearchSettings:
     if args.initial > args.iterations:
         raise ClipqError(f"--initial {args.initial} is more than --iterations {args.iterations}")
     return SearchSettings(lam=args.lam, iterations=args.iterations, initial=args.initial, subset=args.subset,
-                          seed=args.seed, p_max=args.p_max, metric=search_metric(args))
-
-
-def search_metric(args) -> str:
-    """--search-metric, or its default: BUDGET_METRIC for a run with --max-drop, the paper's error otherwise."""
-    if args.search_metric:
-        return args.search_metric
-    return BUDGET_METRIC if getattr(args, "max_drop", None) is not None else "error"
+                          seed=args.seed, p_max=args.p_max, metric=args.search_metric)
 
 
 def from_experiment(args, fields: dict[str, str], out_name: str, optional: tuple[str, ...] = ("val",)) -> None:

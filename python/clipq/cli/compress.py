@@ -219,7 +219,7 @@ def add_reproduce(sub) -> None:
     p.add_argument("--smoke", action="store_true", help="synthetic data, minutes on a CPU")
     p.add_argument("--paper-plan", action="store_true", help="use the paper's (p, b) (Tables 1-3) instead of searching")
     executor_arguments(p)
-    metric_argument(p, default="error, as the paper")
+    metric_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     budget_arguments(p)
     finetune_arguments(p, default="off: the paper's plain fine-tuning")
@@ -230,7 +230,7 @@ def _reproduce(args) -> int:
     out = args.out or paths.cache_root() / "reproduce" / (args.net + ("_smoke" if args.smoke else ""))
     report = reproduce.run(args.net, out, args.imagenet, args.weights, args.smoke, args.paper_plan, args.jobs,
                            not args.no_progress, log=lambda msg: print(msg, file=sys.stderr),
-                           metric=args.search_metric or "error", aids=aids(args, budget=False),
+                           metric=args.search_metric, aids=aids(args, budget=False),
                            **budget_options(args), ray=args.ray, ray_batch=args.ray_batch)
     print((out / "report.md").read_text())
     return budget_exit(report, args.command)

@@ -227,6 +227,7 @@ def densified(candidates: list[Candidate], ratio: float = 1.5, rounds: int = 4) 
 
 
 REFINE_RATIO = 1.1  # a closed bracket wider than this in size still gets the plan between its ends
+RETRY_RATIO = 1.25  # a bracket narrower than this first retries its missed end from the smallest model that met
 
 
 def next_candidate(candidates: list[Candidate], met: dict[tuple, bool],
@@ -267,8 +268,9 @@ def closing_miss(candidates: list[Candidate], met: dict[tuple, bool]) -> int | N
 @dataclass
 class Rounds:
     """Which plan each round of the budget fine-tunes: the bisection of `candidates` (`next_candidate`); the
-    `backoff` plans join it when even the largest candidate missed; once the bracket is closed, its missed end
-    is tried once more if the smallest model that met is a closer start than the one it missed from."""
+    `backoff` plans join it when even the largest candidate missed. A plan missed when fine-tuned from a larger
+    model may meet when fine-tuned from the smallest model that met: once the bracket is narrower than
+    RETRY_RATIO (or closed), its missed end is tried again from there, once per start."""
 
     candidates: list[Candidate]
     backoff: list[Candidate] = field(default_factory=list)
@@ -277,19 +279,34 @@ class Rounds:
 
     def next(self, start: Hashable) -> tuple[Candidate, str] | None:
         """(the plan to fine-tune from `start`, where it comes from), or None when the rounds are done."""
-        index = next_candidate(self.candidates, self.met)
+        retry = self.retry(start)
+        again = retry is not None and self.bracket_ratio() < RETRY_RATIO
+        index = retry if again else next_candidate(self.candidates, self.met)
         if index is None and self.backoff and not any(self.met.values()):
             self.candidates, self.backoff = self.backoff + self.candidates, []
             index = next_candidate(self.candidates, self.met)
-        again = index is None
-        if again:
-            index = closing_miss(self.candidates, self.met)
-            if index is None or self.started[self.candidates[index].key] == start:
+        if index is None:
+            index, again = self.retry(start), True
+            if index is None:
                 return None
+        if again:
             del self.met[self.candidates[index].key]
         candidate = self.candidates[index]
         self.started[candidate.key] = start
         return candidate, candidate.origin + (", again from a smaller model" if again else "")
+
+    def bracket_ratio(self) -> float:
+        """Size of the smallest plan that met over that of the largest smaller one that missed (inf: none)."""
+        low, high = bracket(len(self.candidates), {i: self.met[c.key] for i, c in enumerate(self.candidates)
+                                                   if c.key in self.met})
+        if low < 0 or high >= len(self.candidates):
+            return math.inf
+        return self.candidates[low].size / self.candidates[high].size
+
+    def retry(self, start: Hashable) -> int | None:
+        """The bracket's missed end, if it was fine-tuned from another start than `start`."""
+        index = closing_miss(self.candidates, self.met)
+        return None if index is None or self.started[self.candidates[index].key] == start else index
 
     def record(self, candidate: Candidate, met: bool) -> None:
         self.met[candidate.key] = met

@@ -82,7 +82,7 @@ class CompressConfig:
     val: Path | None = None   # held-out validation LMDB: the search's error, the budget, fine-tuning's monitor
     search_on: str = "auto"   # "val" (the held-out LMDB), "train" (a training subset, the paper), auto: val if any
     max_drop: float | None = None  # top-1 points the decoded model may lose on val (None: one round at --lam)
-    rounds: int = 5           # fine-tuning rounds of the budget's bisection
+    rounds: int = 6           # fine-tuning rounds of the budget's bisection
     se_margin: float = 1.0    # a round meets the budget when val drop + se_margin * its standard error <= max_drop
     synthetic: bool = False   # random images and labels (`reproduce --smoke`): the report says accuracy means nothing
     ray: str | None = None    # search on Ray: 'local' or a cluster's address (`ray_executor`); None: local processes
