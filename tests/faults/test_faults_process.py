@@ -26,6 +26,7 @@ from clipq.caffe import caffemodel, train
 from clipq.search.gp import SearchSettings
 from clipq.search.local import search_layer
 from clipq.util.errors import ClipqError
+from clipq.util.atomic import TOKEN_VARIABLE, run_token
 from clipq.util.lock import LOCK_NAME, locked, output_directory
 
 CLIPQ = Path(sys.executable).with_name("clipq")
@@ -87,7 +88,10 @@ def wait_until(condition, seconds: float, what: str) -> None:
 
 
 def hold_lock(directory: Path) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(directory)], stdout=subprocess.PIPE, text=True)
+    """Another run (its own token, not this process's) holding `directory`."""
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_VARIABLE}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(directory)], stdout=subprocess.PIPE, text=True,
+                              env=env)
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -131,13 +135,29 @@ def test_an_output_directory_a_refused_run_created_is_not_left_behind(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_taking_the_directory_removes_the_temporaries_a_killed_run_left(tmp_path):
-    (tmp_path / ".stages.json.ab12cd34.tmp").write_text('{"base')
+def test_taking_over_a_dead_runs_lock_removes_its_temporaries_and_nothing_else(tmp_path):
+    holder = hold_lock(tmp_path)
+    holder.kill()
+    holder.wait()
+    token = (tmp_path / LOCK_NAME).read_text().split("token ")[1].split()[0]
+    (tmp_path / f".stages.json.clipq-{token}-ab12cd34.tmp").write_text('{"base')
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / ".thesis.old-2024").write_text("the user's")  # looks like an old temporary: kept
+    (tmp_path / f".x.clipq-{run_token()}-ab12cd34.tmp").write_text("a live run's")  # not the dead run's: kept
     messages = []
     with output_directory(tmp_path, messages.append):
         pass
-    assert list(tmp_path.iterdir()) == []
-    assert "removed 1 temporary file" in messages[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        [f".x.clipq-{run_token()}-ab12cd34.tmp", ".thesis.old-2024", "docs"])
+    assert "removed 1 temporary file" in messages[1]
+
+
+def test_a_refused_run_removes_nothing(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / ".thesis.old-2024").write_text("the user's")
+    with pytest.raises(ClipqError), output_directory(tmp_path):
+        raise ClipqError("--layers nosuch")
+    assert (tmp_path / "docs" / ".thesis.old-2024").read_text() == "the user's"
 
 
 HOLD_LOG = ("import fcntl, sys, time\nlog = open(sys.argv[1], 'a')\nfcntl.flock(log, fcntl.LOCK_EX)\n"
@@ -305,7 +325,7 @@ def search_entries(out: Path) -> dict[str, list[dict]]:
 
 
 def leftovers(out: Path) -> list[str]:
-    return [str(p.relative_to(out)) for p in out.rglob("*") if p.name.endswith((".tmp", ".lock")) or ".old-" in p.name]
+    return [str(p.relative_to(out)) for p in out.rglob("*") if p.name.endswith((".tmp", ".lock", ".old"))]
 
 
 @pytest.fixture(scope="module")

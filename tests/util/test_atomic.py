@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
-from clipq.util.atomic import atomic_dir, atomic_output, atomic_write, remove_stale_temporaries
+from clipq.util.atomic import atomic_dir, atomic_output, atomic_write, remove_stale_temporaries, run_token
 
 
 def test_atomic_write_replaces_the_file_on_success(tmp_path):
@@ -72,17 +74,30 @@ def test_atomic_dir_gives_the_directory_the_umask_mode(tmp_path, umask_027):
     assert stat.S_IMODE((tmp_path / "db").stat().st_mode) == 0o750
 
 
-def test_stale_temporaries_are_removed_and_other_files_kept(tmp_path):
+def test_only_the_temporaries_of_the_given_runs_are_removed(tmp_path):
     (tmp_path / "search").mkdir()
-    for name in (".stages.json.k2x_9abc.tmp", "search/.ip1.jsonl.a1b2c3d4.tmp", ".db.old-4242"):
+    dead = "1a2b3c4d5e6f"
+    for name in (f".stages.json.clipq-{dead}-k2x_9abc.tmp", f"search/.ip1.jsonl.clipq-{dead}-a1b2c3d4.tmp",
+                 f".db.clipq-{dead}.old"):
         (tmp_path / name).write_text("half")
-    (tmp_path / ".subset_lmdb.zz99zz99.tmp").mkdir()
-    for name in ("stages.json", ".hidden", "notes.tmp", "search/.x.tmp"):
+    (tmp_path / f".subset_lmdb.clipq-{dead}-zz99zz99.tmp").mkdir()
+    kept = ("stages.json", ".hidden", "notes.tmp", "search/.x.tmp", ".thesis.old-2024", ".notes.k2x_9abc.tmp",
+            ".a.clipq-99999999aaaa-k2x_9abc.tmp")  # a user's files, and another (live) run's temporary
+    for name in kept:
         (tmp_path / name).write_text("keep")
-    removed = remove_stale_temporaries(tmp_path)
+    removed = remove_stale_temporaries(tmp_path, {dead})
     assert len(removed) == 4
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
-        ".hidden", "notes.tmp", "search", "search/.x.tmp", "stages.json"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
+
+
+def test_temporaries_carry_the_run_token_and_children_inherit_it(tmp_path):
+    with atomic_write(tmp_path / "out.txt") as f:
+        f.write("x")
+        names = [p.name for p in tmp_path.iterdir()]
+    assert names == [f".out.txt.clipq-{run_token()}-{names[0][-12:-4]}.tmp"]
+    child = subprocess.run([sys.executable, "-c", "from clipq.util.atomic import run_token; print(run_token())"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == run_token()
 
 
 @pytest.mark.parametrize("kind", ["file", "directory"])

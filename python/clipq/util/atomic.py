@@ -1,9 +1,11 @@
 """Write outputs so that a crash or Ctrl-C never leaves a half-written file or directory behind.
 
-A temporary is named `.NAME.XXXXXXXX.tmp` next to its target (a replaced directory briefly becomes
-`.NAME.old-PID`); only SIGKILL or a power cut can leave one, and `remove_stale_temporaries` clears them
-when a run takes its output directory. Outputs get the modes of ordinary files (0666, 0777 for
-directories, less the umask), not mkstemp's 0600.
+A temporary is named `.NAME.clipq-TOKEN-XXXXXXXX.tmp` next to its target (a replaced directory briefly
+becomes `.NAME.clipq-TOKEN.old`), TOKEN being the run's (`run_token`, inherited by its child processes and
+recorded in the lock of the output directory it holds). Only SIGKILL or a power cut can leave one; the next
+run that takes over that lock removes the temporaries carrying the dead run's token, and nothing else
+(`remove_stale_temporaries`): a file clipq did not make is never touched, whatever its name. Outputs get the
+modes of ordinary files (0666, 0777 for directories, less the umask), not mkstemp's 0600.
 """
 
 from __future__ import annotations
@@ -11,12 +13,26 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Collection, Iterator
 
-TEMPORARY_RE = re.compile(r"\..+\.([a-z0-9_]{8}\.tmp|old-\d+)")
+TOKEN_VARIABLE = "CLIPQ_RUN_TOKEN"
+TEMPORARY_RE = re.compile(r"\..+\.clipq-(?P<token>[0-9a-f]+)(-[a-z0-9_]{8}\.tmp|\.old)")
+
+
+def run_token() -> str:
+    """This run's token, made once per process tree (child processes inherit it through the environment)."""
+    token = os.environ.get(TOKEN_VARIABLE, "")
+    if not re.fullmatch(r"[0-9a-f]{8,32}", token):
+        token = os.environ[TOKEN_VARIABLE] = f"{os.getpid():x}{secrets.token_hex(4)}"
+    return token
+
+
+def _prefix(path: Path) -> str:
+    return f".{path.name}.clipq-{run_token()}-"
 
 
 @contextlib.contextmanager
@@ -24,7 +40,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temp file next to `path`; on success rename it over `path`, on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
@@ -49,7 +65,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp directory next to `path`; on success it replaces `path` (old content removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
@@ -65,7 +81,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     temp directory next to `path`; on success what it wrote replaces `path`, on error it is deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    holder = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield holder / path.name
         _replace(holder / path.name, path)
@@ -78,7 +94,7 @@ def _replace(new: Path, path: Path) -> None:
     `path` is first moved aside (rename cannot replace a directory), then removed."""
     old = None
     if os.path.lexists(path) and (new.is_dir() or path.is_dir()):
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        old = path.with_name(f".{path.name}.clipq-{run_token()}.old")
         os.replace(path, old)
     os.replace(new, path)
     if old is not None:
@@ -88,13 +104,15 @@ def _replace(new: Path, path: Path) -> None:
             old.unlink()
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries a killed writer left under `directory` (call only while no other process
-    writes there, e.g. holding its lock); return what was removed. Hidden directories are not entered."""
+def remove_stale_temporaries(directory: str | os.PathLike, tokens: Collection[str]) -> list[Path]:
+    """Delete the temporaries under `directory` that runs with these tokens made (dead runs whose lock this
+    process took over; call only while holding that lock); return what was removed. Hidden directories other
+    than temporaries are not entered."""
     removed = []
     for root, dirs, files in os.walk(directory):
         for name in files + dirs:
-            if TEMPORARY_RE.fullmatch(name):
+            match = TEMPORARY_RE.fullmatch(name)
+            if match and match["token"] in tokens:
                 path = Path(root) / name
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)

@@ -2,9 +2,10 @@
 
 `clipq compress`, `search`, `zoo` and `reproduce` hold `OUT/.clipq.lock`, `clipq train` holds
 `<snapshot_prefix>.lock`, for as long as they run. The lock itself is an flock on that file, which the
-kernel drops however its holder dies (SIGKILL included); the file's text (pid, host, command) lets a
-refused run name the holder. A file whose flock is free was left by a dead holder: the next run takes it
-over and says so. Locks are re-entrant within a process (`compress` runs the search in its own OUT), and
+kernel drops however its holder dies (SIGKILL included); the file's text (pid, host, command, and the run's
+token that marks its temporaries, `atomic.run_token`) lets a refused run name the holder. A file whose flock
+is free was left by a dead holder: the next run takes it over, says so, and removes that holder's
+temporaries from the output directory (only those: they carry its token). Locks are re-entrant within a process (`compress` runs the search in its own OUT), and
 children given `held_fds()` keep them held until they exit too (Caffe writing its last snapshot).
 """
 
@@ -18,12 +19,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from clipq.util.atomic import remove_stale_temporaries
+from clipq.util.atomic import remove_stale_temporaries, run_token
 from clipq.util.errors import ClipqError
 
 LOCK_NAME = ".clipq.lock"
 
 _held: dict[Path, int] = {}  # lock path -> descriptor, for the locks this process holds
+_dead_tokens: dict[Path, str] = {}  # lock path -> the token of the dead holder this process took it over from
 
 
 def _stderr(message: str) -> None:
@@ -60,8 +62,9 @@ def output_directory(out: str | os.PathLike, log: Callable[[str], None] = _stder
     out.mkdir(parents=True, exist_ok=True)
     try:
         with locked(out / LOCK_NAME, log) as taken:
-            if taken:
-                removed = remove_stale_temporaries(out)
+            dead = _dead_tokens.pop((out / LOCK_NAME).absolute(), None)
+            if taken and dead:
+                removed = remove_stale_temporaries(out, {dead})
                 if removed:
                     log(f"{out}: removed {len(removed)} temporary file(s) an interrupted run left")
             yield out
@@ -82,7 +85,7 @@ def _acquire(path: Path, log: Callable[[str], None]) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read(fd)
+            holder = _holder(_read(fd))
             os.close(fd)
             raise ClipqError(_refusal(path, holder)) from None
         if _same_file(fd, path):
@@ -90,10 +93,19 @@ def _acquire(path: Path, log: Callable[[str], None]) -> int:
         os.close(fd)  # its holder removed it after we opened it: lock the new one
     previous = _read(fd)
     if previous:
-        log(f"{path.parent}: taking over the lock of a run that is no longer running ({previous})")
+        log(f"{path.parent}: taking over the lock of a run that is no longer running ({_holder(previous)})")
+        token = next((line.split()[1] for line in previous.splitlines()[1:] if line.startswith("token ")), None)
+        if token:
+            _dead_tokens[path] = token
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\n".encode(), 0)
+    text = f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\ntoken {run_token()}\n"
+    os.pwrite(fd, text.encode(), 0)
     return fd
+
+
+def _holder(text: str) -> str:
+    """The lock text's first line: pid, host, command."""
+    return text.splitlines()[0] if text else ""
 
 
 def _refusal(path: Path, holder: str) -> str:
