@@ -27,7 +27,7 @@ from clipq.search.gp import SearchSettings
 from clipq.search.local import search_layer
 from clipq.util.errors import ClipqError
 from clipq.util.atomic import TOKEN_VARIABLE, run_token
-from clipq.util.lock import LOCK_NAME, locked, output_directory
+from clipq.util.lock import LOCK_NAME, locked, new_output, output_directory
 
 CLIPQ = Path(sys.executable).with_name("clipq")
 
@@ -407,3 +407,26 @@ def test_a_second_compress_on_the_same_out_is_refused_while_the_first_runs(tmp_p
     assert f"in use by another clipq run (pid {first.pid} on " in second.stderr
     assert first.wait(timeout=300) == 0
     assert (tmp_path / "report.json").exists() and leftovers(tmp_path) == []
+
+
+HOLD_NEW = ("import pathlib, sys, time\nfrom clipq.util.atomic import atomic_dir\nfrom clipq.util.lock import new_output\n"
+            "with new_output(sys.argv[1], 'data'), atomic_dir(sys.argv[1], replace=False) as tmp:\n"
+            "    (tmp / 'half').write_text('x')\n    print('held', flush=True)\n    time.sleep(300)\n")
+
+
+def test_clipq_data_runs_on_one_out_exclude_each_other_and_a_killed_ones_temporary_is_removed(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_VARIABLE}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_NEW, str(tmp_path / "data")], stdout=subprocess.PIPE,
+                              text=True, env=env)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ClipqError, match="in use by another clipq run"), new_output(tmp_path / "data", "data"):
+        pass
+    holder.kill()
+    holder.wait()
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # SIGKILL: its temporary stays, for now
+    (tmp_path / ".data.k2x_9abc.tmp").write_text("not clipq's")
+    messages = []
+    with new_output(tmp_path / "data", "data", messages.append):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.k2x_9abc.tmp"]
+    assert "removed the temporary an interrupted run left" in messages[-1]

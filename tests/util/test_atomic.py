@@ -120,3 +120,12 @@ def test_atomic_output_leaves_nothing_when_the_writer_fails(tmp_path):
             partial.write_text("half")
             raise RuntimeError("the tool failed")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_new_directory_never_replaces_one_made_while_it_was_written(tmp_path):
+    with pytest.raises(FileExistsError, match="appeared while clipq was writing it"):
+        with atomic_dir(tmp_path / "data", replace=False) as tmp:
+            (tmp / "train_lmdb").mkdir()
+            (tmp_path / "data").mkdir()
+            (tmp_path / "data" / "mine.txt").write_text("the user's")
+    assert [p.name for p in tmp_path.rglob("*")] == ["data", "mine.txt"]  # the temporary is gone, theirs kept

@@ -27,6 +27,7 @@ from clipq.data import datasets
 from clipq.data.image_sources import Example, Source
 from clipq.util.atomic import atomic_dir
 from clipq.util.errors import ClipqError
+from clipq.util.lock import new_output
 
 DATASET_FILE = "dataset.json"
 MEAN_FILE = "mean.binaryproto"
@@ -124,15 +125,18 @@ def import_images(source: Source, out: Path, settings: ImportSettings, origin: s
                   progress: bool = True) -> dict:
     """Write the LMDBs, the mean and dataset.json of `source` into the new directory `out`; returns the
     dataset.json content."""
-    if out.exists():
-        raise ClipqError(f"{out}: already exists; clipq data never overwrites (give a new --out, or delete it)")
+    with new_output(out, "data"):
+        return _import_images(source, out, settings, origin, progress)
+
+
+def _import_images(source: Source, out: Path, settings: ImportSettings, origin: str, progress: bool) -> dict:
     if not source.examples:
         raise ClipqError(f"{origin or source.kind}: no images")
     splits = stratified_split([e.label for e in source.examples], settings.val, settings.test, settings.seed)
     first = prepare(_load(source.examples[0]), settings)
     shape = first.shape
     counts, mean = {}, np.zeros(shape, np.float64)
-    with atomic_dir(out) as tmp, _bar(len(source.examples), progress) as bar:
+    with atomic_dir(out, replace=False) as tmp, _bar(len(source.examples), progress) as bar:
         for name in SPLIT_NAMES:
             if not splits[name]:
                 continue

@@ -23,6 +23,7 @@ from clipq.caffe import caffe_io, preflight
 from clipq.data import data_import
 from clipq.util.atomic import atomic_dir
 from clipq.util.errors import ClipqError
+from clipq.util.lock import new_output
 
 EXPERIMENT_FILE = "experiment.json"
 BASELINE = "baseline.caffemodel"
@@ -251,8 +252,11 @@ def _solver_text(header: str, fields: dict) -> str:
 def init(deploy: Path, data_path: Path, out: Path, settings: InitSettings = InitSettings()) -> tuple[dict, list[str]]:
     """Write the experiment (see the module docstring) into the new directory `out`; returns experiment.json's
     content and the notes on what was decided."""
-    if out.exists():
-        raise ClipqError(f"{out}: already exists; clipq init never overwrites (give a new --out, or delete it)")
+    with new_output(out, "init"):
+        return _init(Path(deploy), Path(data_path), Path(out), settings)
+
+
+def _init(deploy: Path, data_path: Path, out: Path, settings: InitSettings) -> tuple[dict, list[str]]:
     data = read_data_dir(data_path)
     net, notes = train_val(Path(deploy), data, settings)
     out = out.resolve()
@@ -266,7 +270,7 @@ def init(deploy: Path, data_path: Path, out: Path, settings: InitSettings = Init
     except ClipqError as e:
         raise ClipqError(f"{e}; with the images of {data.path} ({'x'.join(map(str, data.shape))}): make them "
                          f"larger with `clipq data ... --resize H W`") from None
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=False) as tmp:
         (tmp / "train_val.prototxt").write_text(f"# {deploy} on the LMDBs of {data.path} (written by `clipq init`)\n"
                                                 f"{net}")
         (tmp / "solver.prototxt").write_text(baseline_solver(out / "train_val.prototxt", data, settings, out))

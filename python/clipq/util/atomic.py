@@ -11,6 +11,7 @@ modes of ordinary files (0666, 0777 for directories, less the umask), not mkstem
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -61,18 +62,30 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp directory next to `path`; on success it replaces `path` (old content removed)."""
+def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield a temp directory next to `path`; on success it replaces `path` (old content removed), or, with
+    replace=False, becomes `path` only if nothing is there (else an error naming it; nothing is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        if not replace:
+            _rename_new(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace(tmp, path)
+    if replace:
+        _replace(tmp, path)
+
+
+def _rename_new(new: Path, path: Path) -> None:
+    """Rename the directory `new` to `path`, which must not exist (rename would silently replace an empty
+    directory: refused too, as something another program made)."""
+    if os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, "appeared while clipq was writing it; left as it is", str(path))
+    os.rename(new, path)  # a non-empty directory made since the check: ENOTEMPTY, nothing replaced
 
 
 @contextlib.contextmanager
@@ -104,22 +117,24 @@ def _replace(new: Path, path: Path) -> None:
             old.unlink()
 
 
-def remove_stale_temporaries(directory: str | os.PathLike, tokens: Collection[str]) -> list[Path]:
+def remove_stale_temporaries(directory: str | os.PathLike, tokens: Collection[str], target: str | None = None
+                             ) -> list[Path]:
     """Delete the temporaries under `directory` that runs with these tokens made (dead runs whose lock this
     process took over; call only while holding that lock); return what was removed. Hidden directories other
-    than temporaries are not entered."""
+    than temporaries are not entered. With `target`, only the temporaries of that one name in `directory`
+    itself (not below it)."""
     removed = []
     for root, dirs, files in os.walk(directory):
         for name in files + dirs:
             match = TEMPORARY_RE.fullmatch(name)
-            if match and match["token"] in tokens:
+            if match and match["token"] in tokens and (target is None or name.startswith(f".{target}.clipq-")):
                 path = Path(root) / name
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:
                     path.unlink()
                 removed.append(path)
-        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        dirs[:] = [] if target is not None else [name for name in dirs if not name.startswith(".")]
     return removed
 
 

@@ -74,6 +74,24 @@ def output_directory(out: str | os.PathLike, log: Callable[[str], None] = _stder
                 out.rmdir()  # only if empty
 
 
+@contextlib.contextmanager
+def new_output(out: str | os.PathLike, command: str, log: Callable[[str], None] = _stderr) -> Iterator[Path]:
+    """Hold `PARENT/.OUT.clipq.lock` while a run writes the new directory OUT (which must not exist; the run
+    creates it by renaming its temporary, `atomic_dir(replace=False)`): two runs on one OUT cannot both write
+    it, and the temporary of a killed run is removed by the next."""
+    out = Path(out)
+    lock = out.parent / f".{out.name}.clipq.lock"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(lock, log) as taken:
+        dead = _dead_tokens.pop(lock.absolute(), None)
+        if taken and dead and remove_stale_temporaries(out.parent, {dead}, target=out.name):
+            log(f"{out}: removed the temporary an interrupted run left")
+        if os.path.lexists(out):
+            raise ClipqError(f"{out}: already exists; clipq {command} never overwrites (give a new --out, or "
+                             "delete it)")
+        yield out
+
+
 def held_fds() -> list[int]:
     """The descriptors of every lock this process holds (pass them to children that must keep them)."""
     return list(_held.values())
