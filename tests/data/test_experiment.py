@@ -3,6 +3,8 @@ and the inputs a deploy cannot take refused before Caffe sees them."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -85,6 +87,31 @@ def test_caffe_lmdbs_without_dataset_json_are_accepted(tmp_path, repo):
     assert exp["val_lmdb"].endswith("val_lmdb")
     with pytest.raises(ClipqError, match="already exists"):
         experiment.init(repo / "prototxt/lenet5/deploy.prototxt", data, tmp_path / "exp")
+
+
+def test_without_dataset_json_the_labels_set_the_classes(tmp_path, repo):
+    data = make_data(tmp_path / "data", 200, (1, 28, 28), classes=12)  # LeNet-5's deploy has 10 outputs
+    (data / "dataset.json").unlink()
+    exp, notes = experiment.init(repo / "prototxt/lenet5/deploy.prototxt", data, tmp_path / "exp")
+    assert any("'ip2' has 10 outputs, the data 12 classes" in note for note in notes)
+
+
+def test_a_dataset_json_listing_fewer_classes_than_the_labels_is_refused(tmp_path, repo):
+    data = make_data(tmp_path / "data", 200, (1, 28, 28), classes=12)
+    description = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**description, "classes": description["classes"][:10]}))
+    with pytest.raises(ClipqError, match=r"dataset.json: lists 10 classes, but the LMDBs have labels up to 11"):
+        experiment.init(repo / "prototxt/lenet5/deploy.prototxt", data, tmp_path / "exp")
+
+
+def test_a_net_whose_scores_are_fewer_than_the_classes_is_refused(tmp_path, repo):
+    data = make_data(tmp_path / "data", 60, (1, 8, 8), classes=6)
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text('input: "data" input_shape { dim: 1 dim: 1 dim: 8 dim: 8 }\n'
+                      'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+                      'convolution_param { num_output: 4 kernel_size: 8 } }\n')
+    with pytest.raises(ClipqError, match="output 'conv' has 4 value.*the data has 6 classes"):
+        experiment.init(deploy, data, tmp_path / "exp")
 
 
 def test_from_a_csv_to_a_compressed_model_in_four_commands(tmp_path, repo, capsys):

@@ -148,6 +148,27 @@ def lmdb_entries(path: str | os.PathLike, role: str = "LMDB") -> int:
     return entries
 
 
+def label_range(path: str | os.PathLike, role: str = "LMDB") -> tuple[int, int]:
+    """(smallest, largest) label of the Datums of an LMDB, read once (what Caffe's losses index with)."""
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
+    except lmdb.Error as e:
+        raise ClipqError(f"{path}: cannot open the {role} ({e})") from None
+    datum, low, high = caffe_pb2().Datum(), None, None
+    with env.begin() as txn:
+        for key, value in txn.cursor():
+            try:
+                datum.ParseFromString(value)
+            except DecodeError:
+                raise ClipqError(f"{path}: entry {key!r} of the {role} is not a Caffe Datum") from None
+            low = datum.label if low is None else min(low, datum.label)
+            high = datum.label if high is None else max(high, datum.label)
+    env.close()
+    if low is None:
+        raise ClipqError(f"{path}: the {role} is empty")
+    return low, high
+
+
 def with_test_source(net_param, lmdb_path: str | os.PathLike, source: str, phase: str = "TEST"):
     """A copy of a train_val NetParameter whose `phase` Data layer reads `lmdb_path` (e.g. validation data
     in TEST, a shuffled copy of the training data in TRAIN)."""

@@ -38,7 +38,7 @@ class DataDir:
     path: Path
     shape: tuple[int, int, int]      # (C, H, W) of the stored images
     counts: dict[str, int]           # split -> images ("train", "val", "test")
-    classes: int | None              # None: unknown (not made by `clipq data`)
+    classes: int                     # the classes of dataset.json, else the largest label + 1
     mean: Path | None
 
     def lmdb(self, split: str) -> Path | None:
@@ -71,11 +71,28 @@ def read_data_dir(path: Path) -> DataDir:
     shape = preflight.first_datum(path / "train_lmdb", "--data")
     if shape is None:
         raise ClipqError(f"{path / 'train_lmdb'}: cannot read the image size of its first Datum")
-    classes = None
-    if (path / data_import.DATASET_FILE).exists():
-        classes = len(data_import.read_description(path)["classes"])
+    classes = label_classes(path, counts)
     mean = path / data_import.MEAN_FILE
     return DataDir(path.resolve(), shape, counts, classes, mean.resolve() if mean.exists() else None)
+
+
+def label_classes(path: Path, counts: dict[str, int]) -> int:
+    """How many classes the net must output: the labels of every split are read once (Caffe's losses index
+    their scores with them, unchecked on the CPU), and a dataset.json that lists fewer classes is refused."""
+    low, high = None, None
+    for split in counts:
+        lmdb_path = path / data_import.lmdb_name(split)
+        split_low, split_high = caffe_io.label_range(lmdb_path, f"{split} LMDB")
+        if split_low < 0:
+            raise ClipqError(f"{lmdb_path}: label {split_low}; labels must be 0, 1, 2, ...")
+        low, high = min(low, split_low) if low is not None else split_low, max(high or 0, split_high)
+    if (path / data_import.DATASET_FILE).exists():
+        listed = len(data_import.read_description(path)["classes"])
+        if listed <= high:
+            raise ClipqError(f"{path / data_import.DATASET_FILE}: lists {listed} classes, but the LMDBs have labels "
+                             f"up to {high}; fix its 'classes' (or re-import with `clipq data`)")
+        return listed
+    return high + 1
 
 
 def test_batch(count: int) -> int:
@@ -136,11 +153,22 @@ def _drop_output_softmax(net) -> str:
     return last.top[0]
 
 
-def _set_classes(net, logits: str, classes: int | None, deploy: Path, notes: list[str]) -> None:
+def _check_scores(net, shapes: dict, classes: int, deploy: Path) -> None:
+    """The loss's scores have a channel per class (labels past them: Caffe's CPU loss reads and writes out of
+    bounds, and crashes or reports nonsense)."""
+    loss = next(layer for layer in net.layer if layer.type == "SoftmaxWithLoss")
+    shape = shapes.get(loss.bottom[0])
+    if shape is not None and (len(shape) < 2 or shape[1] < classes):
+        raise ClipqError(f"{deploy}: its output '{loss.bottom[0]}' has {shape[1] if len(shape) > 1 else 1} value(s) "
+                         f"per image, but the data has {classes} classes; end the net in a layer with {classes} "
+                         "outputs (an InnerProduct is resized by itself)")
+
+
+def _set_classes(net, logits: str, classes: int, deploy: Path, notes: list[str]) -> None:
     """A last InnerProduct with another number of outputs than the data has classes gets a new name (so that
     Caffe does not copy the deploy's weights into it) and the data's number of outputs."""
     producer = next((layer for layer in reversed(net.layer) if logits in layer.top), None)
-    if classes is None or producer is None or producer.type != "InnerProduct":
+    if producer is None or producer.type != "InnerProduct":
         return
     if producer.inner_product_param.num_output != classes:
         old, producer.name = producer.name, f"{producer.name}_{classes}cls"
@@ -191,9 +219,9 @@ def _data_layer(layer, phase: str, top: str, source: Path, batch: int, transform
     layer.data_param.backend = pb2.DataParameter.LMDB
 
 
-def _heads(net, logits: str, classes: int | None) -> None:
+def _heads(net, logits: str, classes: int) -> None:
     test = caffe_io.caffe_pb2().Phase.Value("TEST")
-    heads = [("accuracy", 1)] + ([("accuracy_top5", 5)] if classes is None or classes > 5 else [])
+    heads = [("accuracy", 1)] + ([("accuracy_top5", 5)] if classes > 5 else [])
     for name, k in heads:
         layer = net.layer.add(name=name, type="Accuracy", bottom=[logits, "label"], top=[name])
         layer.include.add().phase = test
@@ -266,10 +294,11 @@ def _init(deploy: Path, data_path: Path, out: Path, settings: InitSettings) -> t
                   "val_lmdb": str(data.lmdb("val")) if data.lmdb("val") else None,
                   "test_lmdb": str(data.lmdb("test")), "counts": data.counts}
     try:  # e.g. 8x8 images into LeNet-5: one clear error now, not a Caffe abort later
-        preflight.blob_shapes(net, deploy, "TRAIN")
+        shapes = preflight.blob_shapes(net, deploy, "TRAIN")
     except ClipqError as e:
         raise ClipqError(f"{e}; with the images of {data.path} ({'x'.join(map(str, data.shape))}): make them "
                          f"larger with `clipq data ... --resize H W`") from None
+    _check_scores(net, shapes, data.classes, deploy)
     with atomic_dir(out, replace=False) as tmp:
         (tmp / "train_val.prototxt").write_text(f"# {deploy} on the LMDBs of {data.path} (written by `clipq init`)\n"
                                                 f"{net}")
