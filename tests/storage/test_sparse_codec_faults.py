@@ -148,3 +148,18 @@ def test_a_header_downgraded_to_version_1_fails_the_payload_crcs():
     header = header_of(data)
     header["version"] = 1
     assert "layer 'fc6': CRC mismatch" in refused_or_identical(with_header(data, header, version=1), layers)
+
+
+def test_a_tiny_file_declaring_billions_of_pruned_weights_is_refused_before_decoding():
+    empty = sparse_codec.Layer("fc", "InnerProduct", [np.zeros((4, 8), np.float32)], np.zeros((4, 8), np.uint8),
+                               np.zeros(1, np.float32), 1, 0.5)
+    data = sparse_codec.encode([empty])
+    header = header_of(data)
+    entry = header["layers"][0]
+    entry["shapes"] = [[2 ** 29, 2]]
+    payload = data[len(data) - entry["length"]:]
+    entry["crc32"] = sparse_codec._layer_crc({k: v for k, v in entry.items() if k != "crc32"}, payload)
+    edited = with_header(data, header)
+    assert len(edited) < 400
+    message = refused_or_identical(edited, [empty])
+    assert "decode to 4,295 MB of float32 weights, more than 400 times the file (67 MB at most" in message

@@ -48,6 +48,11 @@ MAX_INDEX_BITS = 24
 MAX_BITS = 8
 MAX_BLOB_AXES = 32       # Caffe's kMaxBlobAxes
 MAX_BLOB_COUNT = 2 ** 31 - 1  # Caffe's Blob::Reshape limit (INT_MAX)
+# A file decodes to float32 blobs of at most MAX_RATE times its own size (or DECODE_FLOOR bytes, for tiny files):
+# a few hundred bytes that declare billions of pruned weights are refused before anything is allocated. The
+# paper's rates are 10-51x, clipq's LeNets 40-120x.
+MAX_RATE = 400
+DECODE_FLOOR = 64 << 20
 EXACT_SAMPLE = 1 << 16  # weights looked at to tell an exported (quantized) layer from a full-precision one
 # The BVLC Caffe layer types that hold weights; only layers with weights are stored.
 WEIGHTED_TYPES = frozenset({"BatchNorm", "Bias", "Convolution", "Deconvolution", "Embed", "InnerProduct", "LSTM",
@@ -371,6 +376,11 @@ def check_header(header, version: int, payload_bytes: int, source: str = "file")
     if end < payload_bytes:
         raise ClipqError(f"{source}: {_bytes(payload_bytes - end)} after the last layer "
                          f"(appended data, or a layer missing from the header)")
+    decoded = 4 * sum(math.prod(shape) for entry in entries for shape in entry["shapes"])
+    limit = max(DECODE_FLOOR, MAX_RATE * (FIXED_BYTES + payload_bytes))
+    if decoded > limit:
+        raise ClipqError(f"{where}: its layers decode to {decoded / 1e6:,.0f} MB of float32 weights, more than "
+                         f"{MAX_RATE} times the file ({limit / 1e6:,.0f} MB at most; the limit of the format)")
 
 
 def _layer_crc(entry: dict, payload: bytes, version: int = FORMAT_VERSION) -> int:
