@@ -60,3 +60,26 @@ def test_newer_plan_version_is_refused(tmp_path):
 def test_missing_plan_file_is_named(tmp_path):
     with pytest.raises(ClipqError, match="nope.yaml: cannot read plan"):
         load_plan(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &a [x, x, x, x, x, x, x, x]\nb: [*a, *a, *a, *a, *a, *a, *a, *a]\n", "aliases .* are not allowed"),
+    ("layers:\n  ip1: {p: 0.5, b: 3}\n  ip1: {p: 0.9, b: 2}\n", "key 'ip1' appears twice"),
+    ("[" * 3000 + "]" * 3000, "nested more than 8 levels deep"),
+    ("layers: {ip1: {p: 0.5, b: 3}\n", r"expected ',' or '}'.* \(line 2, column 1\)"),
+], ids=["alias bomb", "duplicate layer", "deep nesting", "syntax"])
+def test_a_hostile_plan_file_is_one_line_error(tmp_path, text, message):
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    with pytest.raises(ClipqError, match=message) as error:
+        load_plan(path)
+    assert "\n" not in str(error.value) and len(str(error.value)) < 300
+
+
+def test_a_huge_or_binary_file_is_not_read_as_a_plan(tmp_path):
+    (tmp_path / "big.yaml").write_bytes(b"#" * (5 << 20))
+    with pytest.raises(ClipqError, match="larger than 4 MB, not a plan"):
+        load_plan(tmp_path / "big.yaml")
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(256)))
+    with pytest.raises(ClipqError, match="not a text file"):
+        load_plan(tmp_path / "bin.yaml")

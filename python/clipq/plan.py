@@ -64,17 +64,62 @@ def parse_plan(data, source: str = "plan") -> dict[str, LayerPlan]:
     return {str(name): _layer_plan(str(name), entry, source) for name, entry in data["layers"].items()}
 
 
+MAX_PLAN_BYTES = 4 << 20  # a plan of ten thousand layers is ~0.3 MB
+MAX_PLAN_DEPTH = 8        # a plan is 4 levels deep: document, layers, layer, field
+
+
+class PlanLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter where a plan never needs more: no aliases (a few hundred bytes of nested
+    aliases expand to gigabytes), no duplicate keys (the last would silently win), bounded nesting."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.MarkedYAMLError(problem="aliases (*name) are not allowed in a plan",
+                                       problem_mark=self.peek_event().start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_PLAN_DEPTH:
+                raise yaml.MarkedYAMLError(problem=f"nested more than {MAX_PLAN_DEPTH} levels deep",
+                                           problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+        duplicate = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+        if duplicate is not None:
+            raise yaml.MarkedYAMLError(problem=f"key {duplicate!r} appears twice",
+                                       problem_mark=node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """One line: the problem and where (YAML's own messages span several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def load_plan(path: str | Path) -> dict[str, LayerPlan]:
     """Read a YAML or JSON plan file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PLAN_BYTES + 1)
     except OSError as e:
         raise ClipqError(f"{path}: cannot read plan ({e.strerror})") from None
+    if len(raw) > MAX_PLAN_BYTES:
+        raise ClipqError(f"{path}: larger than {MAX_PLAN_BYTES >> 20} MB, not a plan")
     try:
-        data = yaml.safe_load(text)  # JSON is YAML too
+        data = yaml.load(raw.decode("utf-8"), Loader=PlanLoader)  # JSON is YAML too
+    except UnicodeDecodeError:
+        raise ClipqError(f"{path}: not a text file (a plan is YAML or JSON)") from None
     except yaml.YAMLError as e:
-        raise ClipqError(f"{path}: not valid YAML/JSON: {e}") from None
+        raise ClipqError(f"{path}: not a valid plan: {_yaml_error(e)}") from None
+    except RecursionError:
+        raise ClipqError(f"{path}: not a valid plan: nested too deeply") from None
     return parse_plan(data, str(path))
 
 
