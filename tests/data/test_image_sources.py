@@ -131,3 +131,67 @@ def test_labels_must_match_the_images(tmp_path):
         image_sources.load(tmp_path / "d.npz")
     with pytest.raises(ClipqError, match="give their labels with --labels"):
         image_sources.load(tmp_path / "d.npz", kind="npy")
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["0", "1", "1.5"], r"label '1.5' \(#3\) is not a whole number >= 0;"),
+    (["0", "nan", "2"], r"label 'nan' \(#2\) is not a whole number"),
+    (["cat", "3", "dog"], r"label '3' \(#2\) is a number, yet other labels are names"),
+    (["0", "1000000000000000000"], r"label '1000000000000000000' \(#2\) is not a class number in 0..99999"),
+    (["-1", "0"], r"label '-1' \(#1\) is not a whole number"),
+], ids=["1.5", "nan", "mixed", "1e18", "negative"])
+def test_labels_are_class_numbers_or_names_never_a_mixture(labels, message):
+    with pytest.raises(ClipqError, match=message):
+        image_sources.label_ids(labels, "data.csv")
+
+
+def test_whole_number_labels_in_any_numeric_form_are_kept():
+    assert image_sources.label_ids([2, 0, 1], "a") == ([2, 0, 1], ["0", "1", "2"])
+    assert image_sources.label_ids([2.0, 0.0], "a") == ([2, 0], ["0", "1", "2"])
+    assert image_sources.label_ids(["b", "a"], "a") == ([1, 0], ["a", "b"])
+
+
+@pytest.mark.parametrize("kind", ["csv", "idx", "list", "npy"])
+def test_a_device_is_not_read_as_input(kind, tmp_path):
+    with pytest.raises(ClipqError, match="/dev/zero: not a regular file"):
+        image_sources.load(image_sources.Path("/dev/zero"), kind, labels=image_sources.Path("/dev/zero"))
+
+
+def test_a_binary_file_as_csv_stops_at_the_line_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_sources, "MAX_LINE", 1000)
+    (tmp_path / "x.csv").write_bytes(bytes(5000))
+    with pytest.raises(ClipqError, match=r"x.csv:1: a line of more than 1,000 characters"):
+        image_sources.load(tmp_path / "x.csv")
+
+
+def test_a_list_file_label_written_as_a_float_is_refused(tmp_path):
+    (tmp_path / "list.txt").write_text("a.png 1e3\n")
+    with pytest.raises(ClipqError, match=r"list.txt:1: expected 'relative/path LABEL' with LABEL a class number"):
+        image_sources.load(tmp_path / "list.txt")
+
+
+def test_npy_headers_are_checked_before_the_array_is_read(tmp_path):
+    np.save(tmp_path / "obj.npy", np.array(["a", "b"]))
+    np.save(tmp_path / "labels.npy", np.arange(2))
+    with pytest.raises(ClipqError, match=r"obj.npy: holds <U1 values; images and labels are numbers"):
+        image_sources.load(tmp_path / "obj.npy", labels=tmp_path / "labels.npy")
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((2, 2), np.uint8))
+    header["shape"] = (1 << 20, 1 << 20, 700)  # 730 GiB declared in a tiny file
+    with open(tmp_path / "huge.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(bytes(4))
+    with pytest.raises(ClipqError, match=r"huge.npy: its header declares 1048576x1048576x700 uint8 values"):
+        image_sources.load(tmp_path / "huge.npy", labels=tmp_path / "labels.npy")
+
+
+def test_an_idx_header_promising_more_than_an_input_may_have_is_refused(tmp_path):
+    (tmp_path / "images-idx3-ubyte").write_bytes(b"\0\0\x08\x03" + (0xFFFFFFFF).to_bytes(4, "big") * 3)
+    with pytest.raises(ClipqError, match="its IDX header promises .* bytes, more than the 64 GB"):
+        image_sources.read_idx(tmp_path / "images-idx3-ubyte")
+
+
+def test_an_image_too_large_is_refused_from_its_header(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_sources, "MAX_PIXELS", 100)
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "big.png")
+    with pytest.raises(ClipqError, match=r"big.png: 20 x 20 pixels, more than the 100 an image may have"):
+        image_sources.read_image(tmp_path / "big.png")

@@ -53,9 +53,10 @@ def add_data(sub) -> None:
 
 
 def _data(args) -> int:
-    source = image_sources.load(args.input, args.kind, args.labels, args.label_column, args.shape, args.root)
     settings = data_import.ImportSettings(args.val, args.test, args.seed, tuple(args.resize) if args.resize else None,
                                           args.channels, args.encoded)
+    data_import.check_settings(settings)  # before the input is read
+    source = image_sources.load(args.input, args.kind, args.labels, args.label_column, args.shape, args.root)
     info = data_import.import_images(source, args.out, settings, str(args.input), progress=not args.no_progress)
     splits = ", ".join(f"{name} {s['count']:,}" for name, s in info["splits"].items())
     print(f"{args.out}: {splits} images of {info['channels']}x{info['height']}x{info['width']} "

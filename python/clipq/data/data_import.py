@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from clipq.caffe import caffe_io
 from clipq.data import datasets
-from clipq.data.image_sources import Example, Source
+from clipq.data.image_sources import MAX_PIXELS, Example, Source
 from clipq.util.atomic import atomic_dir
 from clipq.util.errors import ClipqError
 from clipq.util.lock import new_output
@@ -48,6 +48,13 @@ class ImportSettings:
 
 def lmdb_name(split: str) -> str:
     return f"{split}_lmdb"
+
+
+def check_settings(settings: ImportSettings) -> None:
+    if settings.resize is not None and settings.resize[0] * settings.resize[1] > MAX_PIXELS:
+        height, width = settings.resize
+        raise ClipqError(f"--resize {height} {width}: {height * width:,} pixels, more than the {MAX_PIXELS:,} an image "
+                         "may have")
 
 
 def stratified_split(labels: list[int], val: float, test: float, seed: int) -> dict[str, list[int]]:
@@ -125,6 +132,7 @@ def import_images(source: Source, out: Path, settings: ImportSettings, origin: s
                   progress: bool = True) -> dict:
     """Write the LMDBs, the mean and dataset.json of `source` into the new directory `out`; returns the
     dataset.json content."""
+    check_settings(settings)
     with new_output(out, "data"):
         return _import_images(source, out, settings, origin, progress)
 

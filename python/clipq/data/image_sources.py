@@ -12,6 +12,10 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import math
+import re
+import reprlib
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -83,13 +87,30 @@ def load(path: Path, kind: str | None = None, labels: Path | None = None, label_
 
 
 def _npy(path: Path) -> np.ndarray:
+    size = _regular_file(path, ".npy file")
     try:
+        with open(path, "rb") as f:
+            _checked_npy_header(f, str(path), size)
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ClipqError(f"{path}: not a readable .npy file ({e})") from None
 
 
+def _checked_npy_header(f, where: str, size: int) -> None:
+    """An .npy header whose array is numbers (no objects, strings or records) and fits the `size` bytes of its
+    file: read before the array, so that a header declaring terabytes allocates nothing."""
+    version = np.lib.format.read_magic(f)
+    shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)(f)
+    if dtype.hasobject or dtype.names is not None or dtype.kind not in "biuf":
+        raise ClipqError(f"{where}: holds {dtype} values; images and labels are numbers")
+    if math.prod(shape) * dtype.itemsize > size:
+        raise ClipqError(f"{where}: its header declares {'x'.join(map(str, shape))} {dtype} values "
+                         f"({math.prod(shape) * dtype.itemsize:,} bytes), more than the file holds")
+
+
 def _from_npz(path: Path) -> Source:
+    _regular_file(path, ".npz file")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -101,7 +122,14 @@ def _from_npz(path: Path) -> Source:
         if image_key is None or label_key is None:
             raise ClipqError(f"{path}: holds arrays {keys}; expected images under one of {list(IMAGE_KEYS)} and "
                              f"labels under one of {list(LABEL_KEYS)}")
-        images, labels = archive[image_key], archive[label_key]
+        try:
+            for key in (image_key, label_key):
+                member = archive.zip.getinfo(f"{key}.npy")
+                with archive.zip.open(member) as f:
+                    _checked_npy_header(f, f"{path}[{key}]", member.file_size)
+            images, labels = archive[image_key], archive[label_key]
+        except (OSError, ValueError, KeyError) as e:
+            raise ClipqError(f"{path}: not a readable .npz file ({e})") from None
     return _from_arrays(path, images, labels, f"{path}[{label_key}]", "npz")
 
 
@@ -140,34 +168,100 @@ def to_chw(images: np.ndarray, where: str) -> np.ndarray:
                      f"(or floats in [0, 1])")
 
 
+MAX_PIXELS = 1 << 26  # pixels of one image (8192 x 8192), read or resized to
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; a larger label is a broken file, not a class
+MAX_LINE = 16 << 20   # characters in one line of a CSV or list file (a 3 x 512 x 512 CSV row is ~3 MB)
+MAX_FILE = 64 << 30   # bytes of one input file read whole (IDX, .npy)
+WHOLE_RE = re.compile(r"\s*\+?\d+\s*")
+
+
 def label_ids(labels: list, where: str) -> tuple[list[int], list[str]]:
-    """Integer labels for Caffe (0..K-1) and the class names: whole numbers >= 0 are kept as they are
-    (classes "0".."max"), anything else (names, negative numbers) is numbered in sorted order."""
+    """Integer labels for Caffe (0..K-1) and the class names. Either every label is a whole number >= 0
+    (written as one: `3`, not `3.0` in text; classes "0".."max", at most MAX_CLASSES), or every label is a name
+    that is not a number (classes numbered in sorted order). Anything else is refused, naming the first label
+    that breaks the rule: a `1.5` or `nan` among whole numbers would otherwise renumber every class."""
     if not labels:
         return [], []
-    as_int = [_whole(x) for x in labels]
-    if all(x is not None and x >= 0 for x in as_int):
-        return as_int, [str(i) for i in range(max(as_int) + 1)]
-    names = sorted({str(x) for x in labels})
+    numbers = [_whole(x) for x in labels]
+    if all(n is not None for n in numbers):
+        first = next((i for i, n in enumerate(numbers) if n < 0 or n >= MAX_CLASSES), None)
+        if first is not None:
+            raise ClipqError(f"{where}: label {labels[first]!r} (#{first + 1}) is not a class number in "
+                             f"0..{MAX_CLASSES - 1}")
+        return numbers, [str(i) for i in range(max(numbers) + 1)]
+    odd = next((i for i, (x, n) in enumerate(zip(labels, numbers)) if n is None and _number_like(x)), None)
+    if odd is not None:
+        raise ClipqError(f"{where}: label {labels[odd]!r} (#{odd + 1}) is not a whole number >= 0; labels are "
+                         "class numbers 0, 1, 2, ... or class names")
+    number = next((i for i, n in enumerate(numbers) if n is not None), None)
+    if number is not None:
+        raise ClipqError(f"{where}: label {labels[number]!r} (#{number + 1}) is a number, yet other labels are "
+                         "names; labels are class numbers 0, 1, 2, ... or class names, not both")
+    names = sorted({str(x).strip() for x in labels})
     index = {name: i for i, name in enumerate(names)}
-    return [index[str(x)] for x in labels], names
+    return [index[str(x).strip()] for x in labels], names
 
 
 def _whole(x) -> int | None:
-    try:
-        value = float(x)
-    except (TypeError, ValueError):
+    """x as a class number if it is written as a whole number (an integer; a float equal to one; digits)."""
+    if isinstance(x, bool):
         return None
-    return int(value) if value.is_integer() else None
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return int(x) if math.isfinite(x) and float(x).is_integer() else None
+    return int(x) if isinstance(x, str) and WHOLE_RE.fullmatch(x) else None
+
+
+def _number_like(x) -> bool:
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _regular_file(path: Path, what: str) -> int:
+    """The size of `path`, which must be a regular file of at most MAX_FILE bytes (not /dev/zero, a pipe...)."""
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise ClipqError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ClipqError(f"{path}: not a regular file (the {what})")
+    if info.st_size > MAX_FILE:
+        raise ClipqError(f"{path}: {info.st_size:,} bytes, more than the {MAX_FILE >> 30} GB an input file may have")
+    return info.st_size
+
+
+def _lines(f, path: Path):
+    """The lines of a text file, each at most MAX_LINE characters (a binary file has no newlines to stop at)."""
+    number = 0
+    while line := f.readline(MAX_LINE + 1):
+        number += 1
+        if len(line) > MAX_LINE:
+            raise ClipqError(f"{path}:{number}: a line of more than {MAX_LINE:,} characters; not a text file of "
+                             "images")
+        yield line
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file of unsigned bytes (MNIST's format), gzipped or not; header checked against the payload."""
+    """An IDX file of unsigned bytes (MNIST's format), gzipped or not; header checked against the payload, and no
+    more read than the header promises."""
+    _regular_file(path, "IDX file")
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as e:
+        with open(path, "rb") as f:
+            compressed = f.read(2) == b"\x1f\x8b"
+        with (gzip.open(path) if compressed else open(path, "rb")) as f:
+            head = f.read(4)
+            dims = f.read(4 * head[3]) if len(head) == 4 and head[:3] == b"\0\0\x08" else b""
+            expected = len(head) + len(dims) + math.prod(int.from_bytes(dims[i:i + 4], "big")
+                                                         for i in range(0, len(dims) - 3, 4))
+            if expected > MAX_FILE:
+                raise ClipqError(f"{path}: its IDX header promises {expected:,} bytes, more than the "
+                                 f"{MAX_FILE >> 30} GB an input may have")
+            raw = head + dims + f.read(expected - len(head) - len(dims) + 1)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise ClipqError(f"{path}: cannot read ({e})") from None
     return parse_idx(raw, path)
 
@@ -181,8 +275,8 @@ def parse_idx(raw: bytes, path) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise ClipqError(f"{path}: truncated IDX header ({len(raw)} bytes)")
-    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    dims = tuple(int.from_bytes(raw[i:i + 4], "big") for i in range(4, header, 4))
+    expected = header + math.prod(dims)
     if len(raw) != expected:
         raise ClipqError(f"{path}: {len(raw)} bytes, header promises {expected} (corrupt or truncated)")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
@@ -192,7 +286,7 @@ def _from_csv(path: Path, label_column: str, shape: tuple[int, int, int] | None)
     """Rows of `label, pixel...` (label_column "first") or `pixel..., label` ("last"); a header row is skipped."""
     labels, rows = [], []
     with _open_text(path) as f:
-        for line, row in enumerate(csv.reader(f), 1):
+        for line, row in enumerate(csv.reader(_lines(f, path)), 1):
             if not row or (line == 1 and not _numeric(row[-1 if label_column == "first" else 0])):
                 continue  # a blank line, or the header
             label, pixels = (row[0], row[1:]) if label_column == "first" else (row[-1], row[:-1])
@@ -231,6 +325,7 @@ def _square_shape(pixels: int, path: Path) -> tuple[int, int, int]:
 
 
 def _open_text(path: Path):
+    _regular_file(path, "text file of images")
     try:
         return io.TextIOWrapper(gzip.open(path), newline="") if path.suffix == ".gz" else open(path, newline="")
     except OSError as e:
@@ -255,13 +350,13 @@ def _from_list(path: Path, root: Path) -> Source:
     """Caffe's list file: `relative/path LABEL` per line, paths relative to `root`."""
     entries = []
     with _open_text(path) as f:
-        for line, text in enumerate(f, 1):
+        for line, text in enumerate(_lines(f, path), 1):
             if not text.strip():
                 continue
             name, _, label = text.strip().rpartition(" ")
-            if not name or _whole(label) is None or int(label) < 0:
-                raise ClipqError(f"{path}:{line}: expected 'relative/path LABEL' with a whole LABEL >= 0, "
-                                 f"got {text.strip()!r}")
+            if not name or not WHOLE_RE.fullmatch(label) or int(label) >= MAX_CLASSES:
+                raise ClipqError(f"{path}:{line}: expected 'relative/path LABEL' with LABEL a class number in "
+                                 f"0..{MAX_CLASSES - 1}, got {reprlib.repr(text.strip())}")
             entries.append((root / name.strip(), int(label)))
     if not entries:
         raise ClipqError(f"{path}: no entries")
@@ -271,14 +366,18 @@ def _from_list(path: Path, root: Path) -> Source:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """An image file as (C, H, W) uint8: grey images (and grey with alpha) 1 channel, everything else RGB."""
+    """An image file as (C, H, W) uint8: grey images (and grey with alpha) 1 channel, everything else RGB.
+    An image of more than MAX_PIXELS pixels is refused from its header, before it is decoded."""
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise ClipqError(f"{path}: {image.width} x {image.height} pixels, more than the "
+                                 f"{MAX_PIXELS:,} an image may have")
             grey = image.mode in ("1", "L", "LA", "I", "I;16", "F")
             image = image.convert("L" if grey else "RGB")
             array = np.asarray(image)
     except FileNotFoundError:
         raise ClipqError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ClipqError(f"{path}: not a readable image ({e})") from None
     return array[None] if grey else array.transpose(2, 0, 1)
