@@ -142,3 +142,34 @@ def test_compress_without_experiment_names_the_missing_options(tmp_path, capsys)
     from clipq import cli
     assert cli.main(["compress", "--model", "m.prototxt"]) == 2
     assert "give --weights, --solver, --out (or --experiment DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body, message", [
+    ('layer { name: "loss" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 10 } }',
+     "layer 'loss' has a name clipq init gives its own layers"),
+    ('layer { name: "fc" type: "InnerProduct" bottom: "data" top: "label" inner_product_param { num_output: 10 } }',
+     "layer 'fc' makes a blob named 'label'"),
+    ('layer { name: "prob" type: "Softmax" bottom: "data" top: "prob" }', "no layer between the input and the output"),
+    ('layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 10 } }\n'
+     'layer { name: "arg" type: "ArgMax" bottom: "fc" top: "arg" }', r"ends in layer 'arg' \(ArgMax\)"),
+    ("", "no layers besides its input"),
+], ids=["layer named loss", "blob named label", "input then softmax", "argmax", "input only"])
+def test_a_deploy_caffe_would_abort_on_is_refused_naming_the_layer(tmp_path, body, message):
+    data = make_data(tmp_path / "data", 60, (1, 8, 8), classes=10)
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 8 '
+                      f'dim: 8 }} }} }}\n{body}\n')
+    with pytest.raises(ClipqError, match=message):
+        experiment.init(deploy, data, tmp_path / "exp")
+    assert not (tmp_path / "exp").exists()
+
+
+def test_a_damaged_mean_file_is_refused_before_caffe_reads_it(tmp_path, repo):
+    data = make_data(tmp_path / "data", 60, (3, 32, 32), classes=3)
+    (data / "mean.binaryproto").write_bytes(b"\x08\x01garbage")
+    deploy = tmp_path / "deploy.prototxt"
+    deploy.write_text('input: "data" input_shape { dim: 1 dim: 3 dim: 32 dim: 32 }\n'
+                      'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" '
+                      'inner_product_param { num_output: 3 } }\n')
+    with pytest.raises(ClipqError, match="mean.binaryproto: (not a Caffe BlobProto|a BlobProto of shape)"):
+        experiment.init(deploy, data, tmp_path / "exp")

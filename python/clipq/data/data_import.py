@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,8 @@ def read_mean(path: Path) -> np.ndarray:
     except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between implementations
         raise ClipqError(f"{path}: not a Caffe BlobProto (mean.binaryproto)") from None
     shape = tuple(blob.shape.dim) or (blob.num, blob.channels, blob.height, blob.width)
+    if len(shape) < 3 or math.prod(shape) != len(blob.data) or math.prod(shape[:-3]) != 1:
+        raise ClipqError(f"{path}: a BlobProto of shape {shape} with {len(blob.data)} values, not one C x H x W mean")
     return np.asarray(blob.data, dtype=np.float32).reshape(shape[-3:])
 
 

@@ -109,7 +109,9 @@ def train_val(deploy: Path, data: DataDir, settings: InitSettings) -> tuple[obje
     notes: list[str] = []
     input_name, input_shape = _single_input(net, deploy)
     _drop_inputs(net)
+    _check_names(net, deploy)
     logits = _drop_output_softmax(net)
+    _check_logits(net, logits, deploy)
     _set_classes(net, logits, data.classes, deploy, notes)
     for layer in net.layer:
         if layer.type == "BatchNorm":
@@ -141,6 +143,34 @@ def _drop_inputs(net) -> None:
     kept = [layer for layer in net.layer if layer.type != "Input"]
     del net.layer[:]
     net.layer.extend(kept)
+
+
+ADDED_LAYERS = ("data", "data_test", "accuracy", "accuracy_top5", "loss")  # the names init gives its layers
+ADDED_BLOBS = ("label", "accuracy", "accuracy_top5", "loss")
+
+
+def _check_names(net, deploy: Path) -> None:
+    """The deploy's layers and blobs must not take the names init adds (Caffe aborts on a duplicate)."""
+    if not net.layer:
+        raise ClipqError(f"{deploy}: no layers besides its input: nothing to train")
+    for layer in net.layer:
+        if layer.name in ADDED_LAYERS:
+            raise ClipqError(f"{deploy}: layer '{layer.name}' has a name clipq init gives its own layers "
+                             f"({', '.join(ADDED_LAYERS)}); rename it")
+        clash = next((top for top in layer.top if top in ADDED_BLOBS), None)
+        if clash is not None:
+            raise ClipqError(f"{deploy}: layer '{layer.name}' makes a blob named '{clash}', a name clipq init gives "
+                             f"its own blobs ({', '.join(ADDED_BLOBS)}); rename it")
+
+
+def _check_logits(net, logits: str, deploy: Path) -> None:
+    """The net must end in class scores that a loss can train (not in an input, class indices or nothing)."""
+    producer = next((layer for layer in reversed(net.layer) if logits in layer.top), None)
+    if producer is None:
+        raise ClipqError(f"{deploy}: no layer between the input and the output Softmax: nothing to train")
+    if producer.type in ("ArgMax", "Accuracy", "Silence") or producer.type.endswith("Loss"):
+        raise ClipqError(f"{deploy}: the net ends in layer '{producer.name}' ({producer.type}); clipq init needs it to "
+                         "end in the class scores (remove that layer)")
 
 
 def _drop_output_softmax(net) -> str:
@@ -201,6 +231,10 @@ def _transform(input_shape, data: DataDir, settings: InitSettings, notes: list[s
         if data.mean is None:
             raise ClipqError(f"{data.path}: no {data_import.MEAN_FILE} (make one with compute_image_mean), "
                              f"or give --mean none")
+        mean = data_import.read_mean(data.mean)  # Caffe aborts on a damaged one, or one of another size
+        if mean.shape != tuple(data.shape):
+            raise ClipqError(f"{data.mean}: a mean of {'x'.join(map(str, mean.shape))}, but the images are "
+                             f"{'x'.join(map(str, data.shape))}; remake it with compute_image_mean")
         transform["mean_file"] = str(data.mean)
     notes.append("input transform: " + (", ".join(f"{k} {v}" for k, v in transform.items()) or "none"))
     return transform
