@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from google.protobuf import text_format
 
 from clipq.caffe import caffe_io, convert, nets, train
 from clipq.plan import LayerPlan
@@ -116,3 +119,30 @@ def test_export_names_missing_layers(tmp_path, repo):
     with pytest.raises(ClipqError, match="no weights for CLIP-Q layer"):
         convert.export(tmp_path / "clipq.prototxt", tmp_path / "empty.caffemodel", tmp_path / "out.caffemodel")
     assert not (tmp_path / "out.caffemodel").exists()
+
+
+SHARED = """
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 8 } } }
+layer { name: "a" type: "InnerProduct" bottom: "x" top: "a" param { name: "w" } param { name: "wb" }
+        inner_product_param { num_output: 8 } }
+layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" param { name: "w" } param { name: "wb" }
+        inner_product_param { num_output: 8 } }
+layer { name: "c" type: "InnerProduct" bottom: "b" top: "c" inner_product_param { num_output: 3 } }
+"""
+
+
+def shared_net():
+    return text_format.Parse(SHARED, caffe_io.caffe_pb2().NetParameter())
+
+
+def test_layers_sharing_weights_need_one_p_b_and_the_error_names_both():
+    with pytest.raises(ClipqError, match=r"layers 'a' \(p 0.5, b 4\) and 'b' \(p 0.9, b 1\) share their weights"):
+        convert.check_plan(shared_net(), {"a": LayerPlan(0.5, 4), "b": LayerPlan(0.9, 1)})
+    convert.check_plan(shared_net(), {"a": LayerPlan(0.5, 4), "b": LayerPlan(0.5, 4)})
+
+
+def test_a_layer_sharing_weights_follows_the_planned_one_and_only_the_first_is_searched():
+    net = convert.to_clipq(shared_net(), {"a": LayerPlan(0.5, 4)})
+    configs = {layer.name: json.loads(layer.python_param.param_str) for layer in net.layer if layer.type == "Python"}
+    assert configs["a"]["p"] == configs["b"]["p"] == 0.5 and configs["a"]["bits"] == configs["b"]["bits"] == 4
+    assert convert.searched_layers(shared_net()) == ["a", "c"]

@@ -45,9 +45,45 @@ def _check_net(net_param, source: str) -> None:
                          "(Caffe's tools/upgrade_net_proto_text)")
 
 
+def weight_sharers(net_param) -> dict[str, list[str]]:
+    """{layer: every compressible layer sharing its weights (`param { name: ... }` on the weights), it first}
+    for the layers that share them; Caffe keeps one blob for them all."""
+    groups: dict[str, list[str]] = {}
+    for layer in net_param.layer:
+        if layer.type in WRAPPED and layer.param and layer.param[0].name:
+            groups.setdefault(layer.param[0].name, []).append(layer.name)
+    return {name: [name] + [other for other in group if other != name]
+            for group in groups.values() if len(group) > 1 for name in group}
+
+
+def searched_layers(net_param) -> list[str]:
+    """The compressible layers whose (p, b) a search chooses: of layers sharing weights only the first in the
+    net (the others follow it, `with_sharers`)."""
+    sharers = weight_sharers(net_param)
+    names = compressible_layers(net_param)
+    return [name for name in names if not any(names.index(o) < names.index(name) for o in sharers.get(name, []))]
+
+
+def with_sharers(net_param, plan: dict[str, LayerPlan]) -> dict[str, LayerPlan]:
+    """The plan with every layer that shares weights with a planned one given that layer's (p, b)."""
+    sharers = weight_sharers(net_param)
+    filled = dict(plan)
+    for name in plan:
+        for other in sharers.get(name, []):
+            filled.setdefault(other, plan[name])
+    return filled
+
+
 def check_plan(net_param, plan: dict[str, LayerPlan], source: str = "net") -> None:
-    """Every layer the plan names must be a Convolution / InnerProduct layer of the net."""
+    """Every layer the plan names must be a Convolution / InnerProduct layer of the net, and layers that share
+    their weights must share their (p, b) too."""
     _check_net(net_param, source)
+    for name, group in weight_sharers(net_param).items():
+        other = next((o for o in group[1:] if o in plan and name in plan and plan[o] != plan[name]), None)
+        if other is not None:
+            raise ClipqError(f"{source}: layers '{name}' (p {plan[name].p:g}, b {plan[name].bits}) and '{other}' "
+                             f"(p {plan[other].p:g}, b {plan[other].bits}) share their weights, so they need one "
+                             "(p, b)")
     by_name = {}
     for layer in net_param.layer:
         by_name.setdefault(layer.name, []).append(layer)
@@ -65,7 +101,7 @@ def to_clipq(net_param, plan: dict[str, LayerPlan], source: str = "net"):
     """The same net with the plan's layers replaced by CLIP-Q Python layers (a new NetParameter)."""
     check_plan(net_param, plan, source)
     return to_method_net(net_param, {name: LayerRole("ClipQ", {"p": float(lp.p), "bits": int(lp.bits)})
-                                     for name, lp in plan.items()})
+                                     for name, lp in with_sharers(net_param, plan).items()})
 
 
 def to_method_net(net_param, roles: dict[str, LayerRole]):

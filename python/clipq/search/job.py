@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from clipq.caffe import caffe_io
-from clipq.caffe.convert import compressible_layers
+from clipq.caffe.convert import compressible_layers, searched_layers
 from clipq.search import subset_eval
 from clipq.search.gp import Evaluation, SearchSettings
 from clipq.search.log import layer_log, read_log
@@ -62,7 +62,7 @@ def prepare(model, weights, out, layers: list[str] | None, settings: SearchSetti
     out = Path(out)
     net = caffe_io.read_net_param(model)
     names = compressible_layers(net)
-    layers = layers or names
+    layers = layers or searched_layers(net)
     unknown = [name for name in layers if name not in names]
     if unknown:
         raise ClipqError(f"{model}: no Convolution/InnerProduct layer(s) {', '.join(unknown)}; "

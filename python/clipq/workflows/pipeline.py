@@ -391,8 +391,10 @@ def prepare_phase(phase, start: Path, layers: list[str], out: Path, teacher: str
 def compress_plan(config: CompressConfig, nets: Nets, stages: Stages, plan_path: Path, init_weights: Path,
                   log) -> dict:
     """One CLIP-Q plan through `compress_method` (the ClipQ method)."""
+    net = caffe_io.read_net_param(nets.test)
     plan = load_plan(plan_path)
-    convert.check_plan(caffe_io.read_net_param(nets.test), plan, str(plan_path))
+    convert.check_plan(net, plan, str(plan_path))
+    plan = convert.with_sharers(net, plan)  # layers sharing weights with a planned one follow it
     ramp = round(config.aids.ramp * finetune_iterations(config, nets.train))
     method = ClipQ("clipq", {"plan": file_id(plan_path), **({"ramp": ramp} if ramp else {})}, plan=plan, ramp=ramp)
     return {**compress_method(config, nets, stages, method, init_weights, log), "plan": str(plan_path)}
