@@ -182,3 +182,18 @@ def test_a_net_without_train_data_names_the_option_of_each_command():
     net = caffe_io.caffe_pb2().NetParameter(name="n")
     with pytest.raises(ClipqError, match=r"`clipq search --data LMDB`, `--val LMDB` in compress / zoo"):
         subset_eval.training_source(net, "n.prototxt")
+
+
+def test_every_layer_name_gets_its_own_log_file_name():
+    names = ["conv1/7x7_s2", "conv1__7x7_s2", "a" * 300, "a" * 299 + "b", "nul\0name", ".hidden", "ip1"]
+    stems = [search_log.file_stem(name) for name in names]
+    assert len(set(stems)) == len(names) and search_log.file_stem("ip1") == "ip1"
+    assert all(len(stem) <= 120 and "/" not in stem and "\0" not in stem and not stem.startswith(".") for stem in stems)
+
+
+def test_a_log_under_the_old_name_is_kept_for_its_layer(tmp_path):
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "conv1__7x7_s2.jsonl").write_text('{"layer": "conv1/7x7_s2"}\n{"iteration": 0}\n')
+    path = search_log.layer_log(tmp_path, "conv1/7x7_s2")
+    assert path.name == "conv1%2F7x7_s2.jsonl" and path.read_text().endswith('{"iteration": 0}\n')
+    assert search_log.layer_log(tmp_path, "conv1__7x7_s2").name == "conv1__7x7_s2.jsonl"

@@ -7,8 +7,10 @@ searches it, so a worker that outlived a killed run can never log the same itera
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -18,13 +20,35 @@ from clipq.search.gp import Evaluation, SearchSettings, objective, round_bits, s
 from clipq.util.errors import ClipqError
 
 
+SAFE_RE = re.compile(r"[A-Za-z0-9._-]")
+MAX_STEM = 120
+
+
 def file_stem(layer: str) -> str:
-    """A layer's name as a file name (its search log, its plot): '/' cannot be in one."""
-    return layer.replace("/", "__")
+    """A layer's name as a file name (its search log, its plot), one name per layer: characters outside
+    [A-Za-z0-9._-] as %XX (so 'a/b' and 'a__b' stay apart), a long name cut and told apart by its hash."""
+    stem = "".join(c if SAFE_RE.fullmatch(c) else "".join(f"%{b:02X}" for b in c.encode()) for c in layer)
+    if stem.startswith("."):
+        stem = "%2E" + stem[1:]  # never a hidden file
+    if len(stem) > MAX_STEM:
+        stem = f"{stem[:MAX_STEM - 17]}~{hashlib.sha256(layer.encode()).hexdigest()[:16]}"
+    return stem
 
 
 def layer_log(out: Path, layer: str) -> Path:
-    return out / "search" / f"{file_stem(layer)}.jsonl"
+    path = out / "search" / f"{file_stem(layer)}.jsonl"
+    legacy = out / "search" / f"{layer.replace('/', '__')}.jsonl"  # clipq before 2026-12: '/' as '__'
+    if not path.exists() and legacy != path and legacy.exists() and _legacy_header(legacy).get("layer") == layer:
+        legacy.rename(path)
+    return path
+
+
+def _legacy_header(path: Path) -> dict:
+    try:
+        head = json.loads(path.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return {}
+    return head if isinstance(head, dict) else {}
 
 
 def _log_lines(path: Path) -> list[dict]:
