@@ -131,3 +131,12 @@ def test_layer_excluded_from_a_phase_is_left_out():
     layer = caffe_io.caffe_pb2().LayerParameter(name="acc", type="Accuracy")
     layer.include.add(phase=caffe_io.caffe_pb2().TEST)
     assert preflight.in_phase(layer, "TEST") and not preflight.in_phase(layer, "TRAIN")
+
+
+def test_nan_or_infinite_weights_are_refused_naming_the_layer(tmp_path):
+    w = np.ones((3, 4), np.float32)
+    w[1, 2] = np.nan
+    caffemodel.write([caffemodel.LayerWeights("fc", "InnerProduct", [np.ones(3, np.float32) * np.inf]),
+                      caffemodel.LayerWeights("ip", "InnerProduct", [w])], tmp_path / "bad.caffemodel")
+    with pytest.raises(ClipqError, match=r"bad.caffemodel: layer 'fc' blob 0 holds NaN or infinite values"):
+        preflight.caffemodel_layers(tmp_path / "bad.caffemodel")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
+import numpy as np
 from google.protobuf import json_format
 
 from clipq.caffe import caffe_io, caffemodel
@@ -306,6 +307,11 @@ def caffemodel_layers(path: str | os.PathLike, what: str = "--weights") -> list[
         raise ClipqError(f"{path}: not a caffemodel: no layers (an empty file, or another kind of file) ({what})")
     if not any(layer.blobs for layer in layers):
         raise ClipqError(f"{path}: holds no weights (its layers have no blobs; a prototxt saved as binary?) ({what})")
+    for layer in layers:
+        bad = next((i for i, blob in enumerate(layer.blobs) if not np.isfinite(blob).all()), None)
+        if bad is not None:
+            raise ClipqError(f"{path}: layer '{layer.name}' blob {bad} holds NaN or infinite values ({what}; a "
+                             "training that diverged?)")
     return layers
 
 
