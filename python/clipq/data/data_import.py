@@ -28,6 +28,7 @@ from clipq.data import datasets
 from clipq.data.image_sources import MAX_PIXELS, Example, Source
 from clipq.util.atomic import atomic_dir
 from clipq.util.errors import ClipqError
+from clipq.util.json_file import read_object
 from clipq.util.lock import new_output
 
 DATASET_FILE = "dataset.json"
@@ -231,11 +232,11 @@ def _fmt(shape) -> str:
 
 
 def read_description(directory: Path) -> dict:
-    """dataset.json of a `clipq data` directory."""
+    """dataset.json of a `clipq data` directory (the fields clipq reads checked)."""
     path = Path(directory) / DATASET_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ClipqError(f"{directory}: no {DATASET_FILE} (not made by `clipq data`)") from None
-    except (OSError, ValueError) as e:
-        raise ClipqError(f"{path}: unreadable ({e})") from None
+    data = read_object(path, {"classes": list}, f"{directory}: no {DATASET_FILE} (not made by `clipq data`)")
+    if not data["classes"] or not all(isinstance(c, str) for c in data["classes"]):
+        raise ClipqError(f"{path}: field 'classes' must list the class names (strings)")
+    return data
+
+

@@ -23,6 +23,7 @@ from clipq.caffe import caffe_io, preflight
 from clipq.data import data_import
 from clipq.util.atomic import atomic_dir
 from clipq.util.errors import ClipqError
+from clipq.util.json_file import read_object
 from clipq.util.lock import new_output
 
 EXPERIMENT_FILE = "experiment.json"
@@ -343,12 +344,8 @@ def _init(deploy: Path, data_path: Path, out: Path, settings: InitSettings) -> t
 
 
 def read_experiment(directory: Path) -> dict:
-    """experiment.json of a `clipq init` directory."""
+    """experiment.json of a `clipq init` directory (the fields clipq reads checked)."""
     path = Path(directory) / EXPERIMENT_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ClipqError(f"{directory}: no {EXPERIMENT_FILE} (--experiment: a directory made by `clipq init`)") \
-            from None
-    except (OSError, ValueError) as e:
-        raise ClipqError(f"{path}: unreadable ({e})") from None
+    return read_object(path, {"train_val": str, "solver": str, "clipq_solver": str, "weights": str,
+                              "val_lmdb": (str, type(None))},
+                       f"{directory}: no {EXPERIMENT_FILE} (--experiment: a directory made by `clipq init`)")

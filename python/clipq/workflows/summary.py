@@ -4,7 +4,6 @@ runs, one row per net, method and operating point."""
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,6 +11,11 @@ import numpy as np
 
 from clipq.methods import METHODS
 from clipq.util.errors import ClipqError
+from clipq.util.json_file import read_object
+
+
+REPORT_FIELDS = {"report.json": {"model": str, "accuracy": dict, "size": dict, "settings": dict},
+                 "compare.json": {}}
 
 
 def load_reports(directories: list[Path]) -> list[dict]:
@@ -20,14 +24,22 @@ def load_reports(directories: list[Path]) -> list[dict]:
     for directory in directories:
         name = "compare.json" if (Path(directory) / "compare.json").exists() else "report.json"
         path = Path(directory) / name
-        try:
-            reports.append(json.loads(path.read_text()) | {"out": str(directory), "kind": name})
-        except OSError as e:
-            raise ClipqError(f"{path}: cannot read ({e.strerror}); is {directory} a finished `clipq compress` "
-                             "(or `clipq compare`) --out?") from None
-        except json.JSONDecodeError as e:
-            raise ClipqError(f"{path}: not JSON ({e})") from None
+        report = read_object(path, REPORT_FIELDS[name], f"{path}: cannot read; is {directory} a finished "
+                             "`clipq compress` (or `clipq compare`) --out?")
+        if name == "report.json":
+            _check_report(report, path)
+        reports.append(report | {"out": str(directory), "kind": name})
     return reports
+
+
+def _check_report(report: dict, path: Path) -> None:
+    """The numbers `run_facts` reads."""
+    numbers = {"accuracy": ("baseline", "decoded"), "size": ("rate", "clipq_file_bytes"), "settings": ("seed",)}
+    for group, keys in numbers.items():
+        for key in keys:
+            value = report[group].get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ClipqError(f"{path}: field '{group}.{key}' is {value!r}, expected a number")
 
 
 def run_facts(report: dict) -> dict:
