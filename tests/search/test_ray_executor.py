@@ -19,6 +19,7 @@ from clipq.search import driver, gp, local, ray_executor
 from clipq.search import log as search_log
 from clipq.search.gp import SearchSettings
 from clipq.search.job import SearchJob
+from clipq.util.errors import ClipqError
 
 
 def synthetic(layer, p, bits):
@@ -129,3 +130,12 @@ def test_clipq_zoo_searches_on_the_ray_it_is_given(ray_cluster, trained_mlp, tmp
     assert code == 0 and addresses == [ray_cluster.address]
     assert all(len(search_log.read_histories(tmp_path / "zoo" / "search", [layer])[layer]) == 2
                for layer in ("ip1", "ip2", "ip3"))
+
+
+def test_a_cluster_address_where_nothing_listens_is_one_line_within_seconds():
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(ClipqError, match=r"--ray 127.0.0.1:1: nothing answers there within 5 s"):
+        ray_executor.connected("127.0.0.1:1", 1).__enter__()
+    assert time.monotonic() - start < 10

@@ -20,6 +20,7 @@ import importlib.util
 import os
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -70,6 +71,22 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address (Ray itself retries for minutes)
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Something listens at a cluster address `HOST:PORT` (or `ray://HOST:PORT`): one line naming the address
+    after `timeout` seconds, not Ray's minutes of retries. Other forms ('auto') are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClipqError(f"--ray {address}: nothing answers there within {timeout:g} s ({e.strerror or e}); start "
+                         "the cluster with `ray start --head`, or check the address") from None
+
+
 @contextlib.contextmanager
 def connected(address: str, workers: int) -> Iterator[None]:
     """Ray for the duration: a local loopback-only one (`address` 'local', `workers` CPUs) or the cluster at
@@ -79,6 +96,8 @@ def connected(address: str, workers: int) -> Iterator[None]:
         return
     if importlib.util.find_spec("ray") is None:
         raise ClipqError("--ray needs Ray: pip install -r requirements.txt (ray is pinned there)")
+    if address != LOCAL:
+        check_reachable(address)
     with contextlib.ExitStack() as stack:
         if address == LOCAL:  # before Ray's import: it reads the auth settings then
             tmpdir = tempfile.mkdtemp(prefix="clipq-ray-")
