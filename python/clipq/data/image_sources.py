@@ -99,9 +99,21 @@ def _npy(path: Path) -> np.ndarray:
 def _checked_npy_header(f, where: str, size: int) -> None:
     """An .npy header whose array is numbers (no objects, strings or records) and fits the `size` bytes of its
     file: read before the array, so that a header declaring terabytes allocates nothing."""
-    version = np.lib.format.read_magic(f)
-    shape, _, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)(f)
+    magic = f.read(8)
+    if len(magic) < 8 or magic[:6] != b"\x93NUMPY" or magic[6] not in (1, 2, 3):
+        raise ClipqError(f"{where}: not an .npy array (magic \\x93NUMPY, version 1-3)")
+    width = 2 if magic[6] == 1 else 4
+    length = int.from_bytes(f.read(width), "little")
+    if length > min(size, MAX_NPY_HEADER):
+        raise ClipqError(f"{where}: an .npy header of {length:,} bytes (at most {MAX_NPY_HEADER:,}, and what the file "
+                         "holds)")
+    f.seek(0)
+    try:
+        np.lib.format.read_magic(f)
+        shape, _, dtype = (np.lib.format.read_array_header_1_0 if magic[6] == 1
+                           else np.lib.format.read_array_header_2_0)(f)
+    except Exception as e:  # noqa: BLE001 - numpy parses the header with ast: any error of a damaged one
+        raise ClipqError(f"{where}: a damaged .npy header ({type(e).__name__})") from None
     if dtype.hasobject or dtype.names is not None or dtype.kind not in "biuf":
         raise ClipqError(f"{where}: holds {dtype} values; images and labels are numbers")
     if math.prod(shape) * dtype.itemsize > size:
@@ -172,7 +184,8 @@ MAX_PIXELS = 1 << 26  # pixels of one image (8192 x 8192), read or resized to
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; a larger label is a broken file, not a class
 MAX_LINE = 16 << 20   # characters in one line of a CSV or list file (a 3 x 512 x 512 CSV row is ~3 MB)
 MAX_FILE = 64 << 30   # bytes of one input file read whole (IDX, .npy)
-WHOLE_RE = re.compile(r"\s*\+?\d+\s*")
+MAX_NPY_HEADER = 1 << 16
+WHOLE_RE = re.compile(r"[ \t]*\+?[0-9]+[ \t]*")
 
 
 def label_ids(labels: list, where: str) -> tuple[list[int], list[str]]:
@@ -237,7 +250,15 @@ def _regular_file(path: Path, what: str) -> int:
 def _lines(f, path: Path):
     """The lines of a text file, each at most MAX_LINE characters (a binary file has no newlines to stop at)."""
     number = 0
-    while line := f.readline(MAX_LINE + 1):
+    while True:
+        try:
+            line = f.readline(MAX_LINE + 1)
+        except UnicodeDecodeError:
+            raise ClipqError(f"{path}:{number + 1}: not UTF-8 text (a binary file?)") from None
+        except (OSError, EOFError) as e:  # a damaged .gz
+            raise ClipqError(f"{path}: cannot read ({e})") from None
+        if not line:
+            return
         number += 1
         if len(line) > MAX_LINE:
             raise ClipqError(f"{path}:{number}: a line of more than {MAX_LINE:,} characters; not a text file of "
@@ -260,10 +281,19 @@ def read_idx(path: Path) -> np.ndarray:
             if expected > MAX_FILE:
                 raise ClipqError(f"{path}: its IDX header promises {expected:,} bytes, more than the "
                                  f"{MAX_FILE >> 30} GB an input may have")
-            raw = head + dims + f.read(expected - len(head) - len(dims) + 1)
+            raw = head + dims + _read_at_most(f, expected - len(head) - len(dims) + 1)
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise ClipqError(f"{path}: cannot read ({e})") from None
     return parse_idx(raw, path)
+
+
+def _read_at_most(f, limit: int, chunk: int = 1 << 20) -> bytes:
+    """Up to `limit` bytes of `f`, in chunks: memory follows what the file holds, not what its header claims."""
+    parts, total = [], 0
+    while total < limit and (part := f.read(min(chunk, limit - total))):
+        parts.append(part)
+        total += len(part)
+    return b"".join(parts)
 
 
 def parse_idx(raw: bytes, path) -> np.ndarray:
@@ -286,7 +316,7 @@ def _from_csv(path: Path, label_column: str, shape: tuple[int, int, int] | None)
     """Rows of `label, pixel...` (label_column "first") or `pixel..., label` ("last"); a header row is skipped."""
     labels, rows = [], []
     with _open_text(path) as f:
-        for line, row in enumerate(csv.reader(_lines(f, path)), 1):
+        for line, row in _csv_rows(_lines(f, path), path):
             if not row or (line == 1 and not _numeric(row[-1 if label_column == "first" else 0])):
                 continue  # a blank line, or the header
             label, pixels = (row[0], row[1:]) if label_column == "first" else (row[-1], row[:-1])
@@ -306,6 +336,19 @@ def _from_csv(path: Path, label_column: str, shape: tuple[int, int, int] | None)
         raise ClipqError(f"{path}: {len(rows[0])} pixels per row do not make --shape {'x'.join(map(str, shape))}")
     images = np.stack(rows).reshape((len(rows),) + tuple(shape))
     return _from_arrays(path, images, np.array(labels), f"{path} ({label_column} column)", "csv")
+
+
+def _csv_rows(lines, path: Path):
+    """(line number, row) of CSV lines; a line CSV cannot parse (a NUL, a field too long) is an error naming it."""
+    reader = csv.reader(lines)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise ClipqError(f"{path}:{reader.line_num}: not CSV ({e})") from None
+        yield reader.line_num, row
 
 
 def _numeric(text: str) -> bool:
