@@ -239,7 +239,7 @@ def test_a_termination_signal_to_clipq_train_makes_caffe_snapshot_and_exit(tmp_p
     proc, caffe = start_training(tmp_path)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "interrupted; Caffe snapshotted" in err
+    assert proc.returncode == 130 and "interrupted; Caffe snapshotted" in err
     assert not running(caffe)
     assert train.snapshots(str(tmp_path / "snap" / "tiny"))  # Caffe's SIGINT snapshot: a rerun resumes
     assert not (tmp_path / "snap" / "tiny.lock").exists()

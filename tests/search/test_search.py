@@ -68,7 +68,7 @@ def test_fig3_plot_is_written(tmp_path):
     history = local.search_layer("a/b", 0, synthetic, SearchSettings(iterations=3, initial=3), tmp_path, "m")
     plots.plot_layer("a/b", history, tmp_path / "plot.png", lam=10)
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
-    assert search_log.layer_log(tmp_path, "a/b").name == "a__b.jsonl"
+    assert search_log.layer_log(tmp_path, "a/b").name == "a%2Fb.jsonl"
 
 
 def test_a_log_measured_on_other_data_is_refused(tmp_path):

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from clipq.caffe import caffe_io, train
-from clipq.util.errors import ClipqError
+from clipq.util.errors import ClipqError, Interrupted
 from clipq.util.lock import locked
 from clipq.util.processes import end_with_parent
 
@@ -99,7 +99,7 @@ def launch(ranks: int, solver: Path, output: Path | None = None, weights: Path |
     except KeyboardInterrupt:
         proc.send_signal(STOP_SIGNAL)
         proc.wait()
-        raise ClipqError(f"interrupted; rank 0 snapshotted under {param.snapshot_prefix}; "
+        raise Interrupted(f"interrupted; rank 0 snapshotted under {param.snapshot_prefix}; "
                          "rerun the same command to resume") from None
     if code != 0:
         log = log or Path(f"{param.snapshot_prefix}.log")
@@ -191,11 +191,11 @@ def fine_tune(solver_path: Path, comm, snapshot: Path | None = None, weights: Pa
     if comm.rank == 0 and (stopped or _snapshot_after_train(param, solver.iter)):
         solver.snapshot()
     if stopped:
-        raise Interrupted(solver.iter)
+        raise StopRequested(solver.iter)
     return solver
 
 
-class Interrupted(Exception):
+class StopRequested(Exception):
     """A stop request (STOP_SIGNAL) ended training early, after rank 0's snapshot at `iteration`."""
 
     def __init__(self, iteration: int):
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(GLOG_logtostderr="1", GLOG_minloglevel="0" if comm.rank == 0 else "1")
     try:
         run(args.solver, args.output, args.weights, args.log, not args.no_progress, comm)
-    except Interrupted as e:
+    except StopRequested as e:
         if comm.rank == 0:
             print(f"clipq train: {e}", file=sys.stderr)
         return 130

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from clipq.caffe import build, caffe_io, caffemodel
 from clipq.util.atomic import atomic_write
-from clipq.util.errors import ClipqError
+from clipq.util.errors import ClipqError, Interrupted
 from clipq.util.lock import held_fds, locked
 from clipq.util.processes import end_with_parent
 
@@ -216,7 +216,7 @@ def _run_caffe(solver: Path, param, weights: Path | None, log: Path, progress: b
             code = proc.wait()
         except KeyboardInterrupt:
             _stop(proc, log_file)
-            raise ClipqError(f"interrupted; Caffe snapshotted under {param.snapshot_prefix}; "
+            raise Interrupted(f"interrupted; Caffe snapshotted under {param.snapshot_prefix}; "
                              "rerun the same command to resume") from None
         finally:
             if bar is not None:

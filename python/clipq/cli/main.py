@@ -11,7 +11,7 @@ import lmdb
 import clipq
 from clipq.cli import compress, data, files, setup, train, zoo
 from clipq.util import processes
-from clipq.util.errors import ClipqError
+from clipq.util.errors import ClipqError, Interrupted
 
 # Every command in the order of a workflow (`clipq --help` lists them so): set up, bring data, search and
 # compress, train by hand, work on model files, a model from the zoo, evaluate.
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     processes.interrupt_on_termination()  # SIGTERM / SIGHUP end the run as Ctrl-C does, children included
     try:
         return args.func(args)
+    except Interrupted as e:  # stopped after saving what it had: the exit code of Ctrl-C, and how to resume
+        print(f"clipq {args.command}: {e}", file=sys.stderr)
+        return 130
     except ClipqError as e:
         print(f"clipq {args.command}: {e}", file=sys.stderr)
         return 2

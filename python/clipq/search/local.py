@@ -16,7 +16,7 @@ from tqdm import tqdm
 from clipq.search.gp import Evaluation, SearchSettings, round_bits
 from clipq.search.job import SearchJob
 from clipq.search.log import LayerSearch, layer_log
-from clipq.util.errors import ClipqError
+from clipq.util.errors import ClipqError, Interrupted
 from clipq.util.processes import end_with_parent
 
 
@@ -65,7 +65,7 @@ def run(job: SearchJob, layers: list[tuple[int, str]], jobs: int, progress: bool
             time.sleep(0.5)
             bar.update(_logged(job, layers) - bar.n)
     except KeyboardInterrupt:
-        raise ClipqError("interrupted; every finished evaluation is logged: rerun the same command to resume") \
+        raise Interrupted("interrupted; every finished evaluation is logged: rerun the same command to resume") \
             from None
     finally:
         _end(procs)

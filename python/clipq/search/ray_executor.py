@@ -34,7 +34,7 @@ from tqdm import tqdm
 from clipq.search.gp import round_bits
 from clipq.search.job import SearchJob
 from clipq.search.log import LayerSearch
-from clipq.util.errors import ClipqError
+from clipq.util.errors import ClipqError, Interrupted
 
 LOCAL = "local"
 RESTARTS = 3  # a dead actor's process is replaced (and its evaluation re-run) up to this many times
@@ -207,5 +207,5 @@ def run(job: SearchJob, layers: list[tuple[int, str]], address: str, workers: in
         try:
             drive(searches, actors, batch, bar.update)
         except KeyboardInterrupt:
-            raise ClipqError("interrupted; every finished evaluation is logged: rerun the same command to resume") \
+            raise Interrupted("interrupted; every finished evaluation is logged: rerun the same command to resume") \
                 from None
