@@ -195,3 +195,9 @@ def test_an_image_too_large_is_refused_from_its_header(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "big.png")
     with pytest.raises(ClipqError, match=r"big.png: 20 x 20 pixels, more than the 100 an image may have"):
         image_sources.read_image(tmp_path / "big.png")
+
+
+def test_a_csv_given_as_npz_is_not_called_pickled_data(tmp_path):
+    (tmp_path / "d.csv").write_text("label,p0\n1,2\n")
+    with pytest.raises(ClipqError, match=r"d.csv: not an .npz archive .*give --kind"):
+        image_sources.load(tmp_path / "d.csv", "npz")

@@ -123,6 +123,9 @@ def _checked_npy_header(f, where: str, size: int) -> None:
 
 def _from_npz(path: Path) -> Source:
     _regular_file(path, ".npz file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # numpy would call any other file pickled data
+            raise ClipqError(f"{path}: not an .npz archive (a zip of .npy arrays); give --kind for what it is")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
