@@ -12,7 +12,10 @@ temporary directory, and gets one outcome:
 and `files left` counts the cases, among those not accepted, whose directory gained or changed a file
 (an output, or a temporary). `.clipq` cases decode damaged copies of a LeNet-5 file that `clipq encode`
 made from random weights: seeded bit flips (half in the fixed part and header), truncations, appended
-bytes, and header edits with the header CRC recomputed. CLI cases are the kinds of issue 12 (items 1-3, 9).
+bytes, and header edits with the header CRC recomputed. CLI cases are the kinds of issue 12 (items 1-3, 9);
+"hostile" cases those of issue 22 (a user's file under --out, bombs and lying headers in inputs under 1 MB,
+deploys Caffe aborts on, silently wrong plans, an unreachable --ray). "peak MB": the largest resident memory
+of one case's clipq process.
 Interrupted and concurrent runs (kills of search / compress, two runs on one --out) are not in this table.
 
     .venv/bin/python bench/faults.py [--quick] [--jobs 2] [--verbose]
@@ -21,6 +24,7 @@ Interrupted and concurrent runs (kills of search / compress, two runs on one --o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -67,6 +71,7 @@ class Result:
     outcome: str
     files_left: bool
     first_line: str
+    peak_mb: float  # the clipq process's peak resident memory
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -370,6 +375,137 @@ def cli_cases(f: dict[str, str]) -> list[Case]:
             for command, rows in table.items() for name, argv, *copies in rows]
 
 
+# --- hostile inputs (issue 22) ----------------------------------------------------------------------
+
+def hostile_inputs(root: Path, f: dict[str, str]) -> dict[str, str]:
+    """Small files (all under 1 MB) made to hurt: bombs, lies in headers, names Caffe aborts on."""
+    root.mkdir()
+    texts = {
+        "label_1.5.csv": "label,p0,p1,p2,p3\n0,1,2,3,4\n1.5,1,2,3,4\n",
+        "label_nan.csv": "label,p0,p1,p2,p3\n0,1,2,3,4\nnan,1,2,3,4\n",
+        "label_huge.csv": "label,p0,p1,p2,p3\n0,1,2,3,4\n1000000000000000000,1,2,3,4\n",
+        "binary.csv": "\x00\x80\xff" * 1000,
+        "list_1e3.txt": "a.png 1e3\n",
+        "bomb_plan.yaml": "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+                          "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"
+                          "e: [*d,*d,*d,*d,*d,*d,*d,*d,*d]\n",
+        "duplicate_plan.yaml": "layers:\n  ip1: {p: 0.5, b: 3}\n  ip1: {p: 0.9, b: 1}\n",
+        "deep_plan.yaml": "[" * 3000 + "]" * 3000,
+        "loss_layer.prototxt": DEPLOY.read_text().replace('name: "ip2"', 'name: "loss"'),
+        "label_blob.prototxt": DEPLOY.read_text().replace('top: "ip2"', 'top: "label"').replace(
+            'bottom: "ip2"', 'bottom: "label"'),
+        "argmax.prototxt": DEPLOY.read_text() + 'layer { name: "arg" type: "ArgMax" bottom: "prob" top: "arg" }\n',
+        "input_only.prototxt": 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 '
+                               'dim: 28 dim: 28 } } }\n',
+        "input_softmax.prototxt": 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 '
+                                  'dim: 1 dim: 28 dim: 28 } } }\nlayer { name: "prob" type: "Softmax" bottom: "data" '
+                                  'top: "prob" }\n',
+        "shared.prototxt": 'layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 8 } } }\n'
+                           'layer { name: "a" type: "InnerProduct" bottom: "x" top: "a" param { name: "w" } '
+                           'inner_product_param { num_output: 8 } }\n'
+                           'layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" param { name: "w" } '
+                           'inner_product_param { num_output: 8 } }\n',
+        "shared_plan.yaml": "layers:\n  a: {p: 0.5, b: 8}\n  b: {p: 0.9, b: 1}\n",
+    }
+    files = {}
+    for name, text in texts.items():
+        (root / name).write_text(text)
+        files[name] = str(root / name)
+    (root / "idx_overflow-ubyte").write_bytes(b"\0\0\x08\x03" + (0xFFFFFFFF).to_bytes(4, "big") * 3)
+    np.save(root / "strings.npy", np.array(["a", "b"]))
+    np.save(root / "labels.npy", np.arange(2))
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((2, 2), np.uint8))
+    header["shape"] = (1 << 20, 1 << 20, 700)
+    with open(root / "huge_header.npy", "wb") as out:
+        np.lib.format.write_array_header_1_0(out, header)
+    data = sparse_codec.decode(Path(f["clipq"]).read_bytes())[1]
+    layer = next(layer for layer in data if layer.compressed)
+    empty = sparse_codec.Layer(layer.name, layer.type, [np.zeros_like(layer.blobs[0])], np.zeros_like(layer.codes),
+                               layer.codebook, layer.bits, 0.5)
+    whole = sparse_codec.encode([empty])
+    head = sparse_codec.read_header(whole)[0]
+    entry = head["layers"][0]
+    entry["shapes"] = [[2 ** 29, 2]]
+    entry["crc32"] = sparse_codec._layer_crc({k: v for k, v in entry.items() if k != "crc32"},
+                                             whole[len(whole) - entry["length"]:])
+    (root / "huge_shape.clipq").write_bytes(sparse_codec.replace_header(whole, head))
+    nan = caffe_io.caffe_pb2().NetParameter()
+    nan.ParseFromString(Path(f["weights"]).read_bytes())
+    next(layer for layer in nan.layer if layer.blobs).blobs[0].data[0] = float("nan")
+    (root / "nan.caffemodel").write_bytes(nan.SerializeToString())
+    (root / "small.csv").write_text("label,p0,p1,p2,p3\n" + "".join(f"{i % 4},1,2,3,4\n" for i in range(40)))
+    subprocess.run([CLIPQ, "data", root / "small.csv", "--out", root / "small"], cwd=REPO, check=True,
+                   capture_output=True)
+    (root / "fewer_classes").mkdir()
+    for item in (root / "small").iterdir():
+        dest = root / "fewer_classes" / item.name
+        shutil.copytree(item, dest) if item.is_dir() else shutil.copyfile(item, dest)
+    described = json.loads((root / "fewer_classes" / "dataset.json").read_text())
+    (root / "fewer_classes" / "dataset.json").write_text(json.dumps({**described, "classes": ["0", "1"]}))
+    (root / "bad_experiment").mkdir()
+    (root / "bad_experiment" / "experiment.json").write_text('{"train_val": 3}')
+    for name in ("idx_overflow-ubyte", "strings.npy", "labels.npy", "huge_header.npy", "huge_shape.clipq",
+                 "nan.caffemodel", "small", "fewer_classes", "bad_experiment"):
+        files[name] = str(root / name)
+    return files
+
+
+def hostile_cases(h: dict[str, str], f: dict[str, str]) -> list[Case]:
+    """The kinds of issue 22: files clipq did not make, unbounded inputs, Caffe's aborts, silent errors."""
+    user_file = {"docs/.thesis.old-2024": f["not_an_lmdb"]}  # a file of the user's that looks like a temporary
+    search = ["search", "--model", f["train_val"], "--weights", f["weights"], "--iterations", "2", "--initial", "1",
+              "--subset", "100", "--jobs", "1", "--no-progress"]
+    init = ["init", "--out", "{out}/exp"]
+    rows = [
+        ("files clipq did not make", "refused search in an --out with a user's .x.old-N file",
+         search + ["--layers", "nosuch", "--out", "{out}"], user_file),
+        ("bounded before read", "CSV label 1.5", ["data", h["label_1.5.csv"], "--out", "{out}/d"]),
+        ("bounded before read", "CSV label nan", ["data", h["label_nan.csv"], "--out", "{out}/d"]),
+        ("bounded before read", "CSV label 10^18", ["data", h["label_huge.csv"], "--out", "{out}/d"]),
+        ("bounded before read", "binary file as CSV", ["data", h["binary.csv"], "--out", "{out}/d"]),
+        ("bounded before read", "/dev/zero as CSV", ["data", "/dev/zero", "--kind", "csv", "--out", "{out}/d"]),
+        ("bounded before read", "/dev/zero as IDX", ["data", "/dev/zero", "--kind", "idx", "--labels", "/dev/zero",
+                                                    "--out", "{out}/d"]),
+        ("bounded before read", "list-file label 1e3", ["data", h["list_1e3.txt"], "--out", "{out}/d"]),
+        ("bounded before read", "IDX dims overflowing", ["data", h["idx_overflow-ubyte"], "--labels",
+                                                        h["idx_overflow-ubyte"], "--out", "{out}/d"]),
+        ("bounded before read", ".npy of strings", ["data", h["strings.npy"], "--labels", h["labels.npy"], "--out",
+                                                   "{out}/d"]),
+        ("bounded before read", ".npy header of 730 GiB", ["data", h["huge_header.npy"], "--labels",
+                                                          h["labels.npy"], "--out", "{out}/d"]),
+        ("bounded before read", "--resize 100000 100000", ["data", h["label_1.5.csv"], "--resize", "100000",
+                                                          "100000", "--out", "{out}/d"]),
+        ("bounded before read", "plan: alias bomb", ["convert", "--model", f["train_val"], "--plan",
+                                                     h["bomb_plan.yaml"], "--output", "{out}/c.prototxt"]),
+        ("bounded before read", "plan: 3,000 levels deep", ["convert", "--model", f["train_val"], "--plan",
+                                                            h["deep_plan.yaml"], "--output", "{out}/c.prototxt"]),
+        ("bounded before read", ".clipq declaring 10^9 weights", ["size", h["huge_shape.clipq"]]),
+        ("Caffe's checks before Caffe", "deploy layer named loss",
+         init + ["--deploy", h["loss_layer.prototxt"], "--data", h["small"]]),
+        ("Caffe's checks before Caffe", "deploy blob named label",
+         init + ["--deploy", h["label_blob.prototxt"], "--data", h["small"]]),
+        ("Caffe's checks before Caffe", "deploy ending in ArgMax",
+         init + ["--deploy", h["argmax.prototxt"], "--data", h["small"]]),
+        ("Caffe's checks before Caffe", "deploy of an Input only",
+         init + ["--deploy", h["input_only.prototxt"], "--data", h["small"]]),
+        ("Caffe's checks before Caffe", "Input then Softmax",
+         init + ["--deploy", h["input_softmax.prototxt"], "--data", h["small"]]),
+        ("Caffe's checks before Caffe", "dataset.json with fewer classes than labels",
+         init + ["--deploy", f["deploy"], "--data", h["fewer_classes"]]),
+        ("Caffe's checks before Caffe", "NaN in the weights",
+         ["evaluate", "--model", f["train_val"], "--weights", h["nan.caffemodel"], "--iterations", "1"]),
+        ("silently wrong", "shared weights, two (p, b)",
+         ["convert", "--model", h["shared.prototxt"], "--plan", h["shared_plan.yaml"], "--output", "{out}/c"]),
+        ("silently wrong", "plan: a layer given twice", ["convert", "--model", f["train_val"], "--plan",
+                                                         h["duplicate_plan.yaml"], "--output", "{out}/c.prototxt"]),
+        ("tracebacks", "experiment.json with a mistyped field",
+         ["compress", "--experiment", h["bad_experiment"], "--out", "{out}/c"]),
+        ("hangs", "--ray at an address nobody listens on", search + ["--ray", "127.0.0.1:1", "--out", "{out}"]),
+    ]
+    return [Case(f"hostile: {category}", name, [str(a) for a in argv], *copies)
+            for category, name, argv, *copies in rows]
+
+
 # --- running and counting ----------------------------------------------------------------------
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
@@ -390,15 +526,29 @@ def classify(case: Case, returncode: int, stderr: str, out: Path) -> str:
     return "other"
 
 
+# Runs clipq as its child and writes the child's peak resident memory (KB) to argv[1]: a small process to fork
+# from, since Linux counts the forking process's memory into a child's peak (ru_maxrss survives exec).
+LAUNCHER = """import os, resource, signal, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+open(sys.argv[1], "w").write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+if code < 0:
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
 def run_case(case: Case, out: Path) -> Result:
     """Run one case in its own directory `out`; a process still alive at the timeout is killed with its group."""
     out.mkdir()
     for name, source in (case.copies or {}).items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, out / name)
     before = snapshot(out)
     argv = [a.format(out=out) for a in case.argv]
-    proc = subprocess.Popen([str(CLIPQ), *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    peak = out.with_name(out.name + ".peak")
+    proc = subprocess.Popen(["python3", "-S", "-c", LAUNCHER, str(peak), str(CLIPQ), *argv], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=TIMEOUT)
         outcome = classify(case, proc.returncode, stderr, out)
@@ -407,7 +557,8 @@ def run_case(case: Case, out: Path) -> Result:
         stderr = proc.communicate()[1]
         outcome = "accepted wrongly"
     files_left = outcome not in ("accepted wrongly", "identical") and snapshot(out) != before
-    return Result(case, outcome, files_left, telling_line(stderr)[:160])
+    peak_mb = int(peak.read_text()) / 1024 if peak.exists() and peak.read_text() else float("nan")
+    return Result(case, outcome, files_left, telling_line(stderr)[:160], peak_mb)
 
 
 def telling_line(stderr: str) -> str:
@@ -419,13 +570,14 @@ def telling_line(stderr: str) -> str:
 
 def print_table(results: list[Result]) -> None:
     categories = list(dict.fromkeys(r.case.category for r in results))
-    header = f"{'category':<34}{'tried':>6}" + "".join(f"{o:>20}" for o in OUTCOMES) + f"{'files left':>12}"
+    header = (f"{'category':<42}{'tried':>6}" + "".join(f"{o:>20}" for o in OUTCOMES) + f"{'files left':>12}"
+              f"{'peak MB':>9}")
     print(header)
     for category in categories + ["total"]:
         rows = [r for r in results if category in ("total", r.case.category)]
         counts = Counter(r.outcome for r in rows)
-        print(f"{category:<34}{len(rows):>6}" + "".join(f"{counts[o]:>20}" for o in OUTCOMES)
-              + f"{sum(r.files_left for r in rows):>12}")
+        print(f"{category:<42}{len(rows):>6}" + "".join(f"{counts[o]:>20}" for o in OUTCOMES)
+              + f"{sum(r.files_left for r in rows):>12}{max(r.peak_mb for r in rows):>9.0f}")
 
 
 def main(argv=None) -> int:
@@ -439,7 +591,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="clipq-faults-") as tmp:
         root = Path(tmp)
         inputs = make_inputs(root / "inputs")
-        cli = cli_cases(inputs)
+        cli = cli_cases(inputs) + hostile_cases(hostile_inputs(root / "hostile", inputs), inputs)
         cases = clipq_cases(inputs, root / "clipq", args.quick) + (cli[::3] if args.quick else cli)
         with ThreadPoolExecutor(args.jobs) as pool:
             results = list(pool.map(lambda ic: run_case(ic[1], root / f"case{ic[0]:03d}"), enumerate(cases)))
@@ -451,7 +603,7 @@ def main(argv=None) -> int:
         for r in results:
             if r.outcome != "refused clearly" or r.files_left:
                 print(f"{r.case.category} / {r.case.name}: {r.outcome}{', files left' if r.files_left else ''}"
-                      f" | {r.first_line}")
+                      f" | {r.peak_mb:.0f} MB | {r.first_line}")
     return 0
 
 

@@ -35,6 +35,8 @@ def run(model, weights, out, layers: list[str] | None = None, settings: SearchSe
     net's TRAIN-phase LMDB when `data` is None (the paper's choice). A subset larger than the LMDB is
     capped to it (with a message).
     """
+    if ray and ray != ray_executor.LOCAL:
+        ray_executor.check_reachable(ray)  # before anything is written
     with output_directory(out, log):
         job, layers = prepare(model, weights, out, layers, settings, data, log)
         indexed = [(job_layer_index(job, name), name) for name in layers]

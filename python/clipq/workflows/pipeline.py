@@ -31,7 +31,7 @@ from clipq.caffe import caffe_io, caffemodel, convert, data_parallel, distill, p
 from clipq.methods.base import Method
 from clipq.methods.clipq import ClipQ
 from clipq.plan import load_plan, rounded_rate, save_plan
-from clipq.search import budget, driver, subset_eval
+from clipq.search import budget, driver, ray_executor, subset_eval
 from clipq.search.gp import SearchSettings
 from clipq.search.job import model_id
 from clipq.search.log import read_histories
@@ -145,6 +145,8 @@ class CompressConfig:
         self.aids.check()
         if self.aids.epochs is not None and self.max_iter is not None:
             raise ClipqError("give the fine-tuning's length once: --max-iter or --finetune-epochs")
+        if self.ray and self.ray != ray_executor.LOCAL and self.plan is None:
+            ray_executor.check_reachable(self.ray)
 
 
 def file_id(path: Path) -> str:
