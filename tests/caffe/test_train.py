@@ -79,3 +79,19 @@ def test_solver_without_snapshot_prefix_is_rejected(tmp_path):
     solver.write_text('net: "x.prototxt"\nmax_iter: 10\n')
     with pytest.raises(ClipqError, match="snapshot_prefix"):
         train.read_solver(solver)
+
+
+def test_a_snapshot_past_a_lowered_max_iter_is_not_resumed_from(tmp_path, toy_layers_on_path, capsys):
+    train.train(write_solver(tmp_path, max_iter=40, snapshot=20), progress=False)
+    for f in (tmp_path / "snap").glob("toy_iter_*.caffemodel"):
+        f.unlink()
+    solver = write_solver(tmp_path, max_iter=30, snapshot=10)  # the user lowered max_iter below a snapshot
+    train.train(solver, progress=False)
+    assert (tmp_path / "snap" / "toy_iter_30.caffemodel").exists()
+    assert "toy_iter_40.solverstate: its iteration 40 is past the solver's max_iter 30" in capsys.readouterr().err
+
+
+def test_another_nets_snapshot_is_named_as_such(tmp_path):
+    caffemodel.write([caffemodel.LayerWeights("conv9", "Convolution", [np.zeros((1, 1, 1, 1), np.float32)])],
+                     tmp_path / "other.caffemodel")
+    assert "holds none of this net's layers" in train.caffemodel_problem(tmp_path / "other.caffemodel", {"fc"})

@@ -102,8 +102,10 @@ def caffemodel_problem(path: Path, layers: set[str]) -> str | None:
     except ClipqError as e:
         return str(e)
     missing = sorted(layers - found)
+    if missing and not layers & found:
+        return f"{path}: holds none of this net's layers (another net's snapshot?)"
     if missing:
-        return f"{path}: truncated, no layer {', '.join(missing)}"
+        return f"{path}: no layer {', '.join(missing)} (truncated, or a snapshot of another net)"
     return None
 
 
@@ -125,7 +127,8 @@ def resume_point(param, layers: set[str]) -> tuple[int, Path] | None:
     """The newest snapshot that can be resumed from; each one skipped is reported."""
     found = snapshots(param.snapshot_prefix)
     for iteration, path in found:
-        problem = solverstate_problem(path, layers)
+        problem = (f"its iteration {iteration} is past the solver's max_iter {param.max_iter}"
+                   if iteration > param.max_iter else solverstate_problem(path, layers))
         if problem is None:
             return iteration, path
         print(f"clipq train: not resuming from {path.name}: {problem}", file=sys.stderr)
