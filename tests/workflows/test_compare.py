@@ -80,6 +80,8 @@ def test_summary_of_compare_runs_has_a_row_per_method_and_operating_point(compar
 def test_summary_refuses_compress_and_compare_runs_together(compared, tmp_path):
     from clipq.workflows import summary
     _, out = compared
-    (tmp_path / "report.json").write_text("{}")
+    report = {"model": "m", "accuracy": {"baseline": 0.9, "decoded": 0.9}, "settings": {"seed": 0},
+              "size": {"rate": 10.0, "clipq_file_bytes": 100}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
     with pytest.raises(ClipqError, match="not both"):
         summary.table(summary.load_reports([out, tmp_path]))

@@ -91,13 +91,13 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
 def connected(address: str, workers: int) -> Iterator[None]:
     """Ray for the duration: a local loopback-only one (`address` 'local', `workers` CPUs) or the cluster at
     `address`; left as it is if this process is already connected."""
+    if address != LOCAL:
+        check_reachable(address)
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         yield
         return
     if importlib.util.find_spec("ray") is None:
         raise ClipqError("--ray needs Ray: pip install -r requirements.txt (ray is pinned there)")
-    if address != LOCAL:
-        check_reachable(address)
     with contextlib.ExitStack() as stack:
         if address == LOCAL:  # before Ray's import: it reads the auth settings then
             tmpdir = tempfile.mkdtemp(prefix="clipq-ray-")
