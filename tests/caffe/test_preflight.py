@@ -52,6 +52,17 @@ def test_images_too_small_for_the_net_name_the_layer_and_the_input(tmp_path):
         preflight.check_net(prototxt)
 
 
+def test_labels_beyond_the_nets_classes_are_refused_before_caffe_corrupts_its_heap(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 1, 28, 28), dtype=np.uint8)
+    datasets.write_lmdb(datasets.Split(images, np.arange(12) % 10), tmp_path / "ten")
+    preflight.check_net(lenet5_train_val(tmp_path / "ok.prototxt", tmp_path / "ten"), phase="TRAIN")
+    datasets.write_lmdb(datasets.Split(images, np.arange(12)), tmp_path / "twelve")
+    prototxt = lenet5_train_val(tmp_path / "tv.prototxt", tmp_path / "twelve")
+    with pytest.raises(ClipqError, match=r"layer 'loss' \(SoftmaxWithLoss\) scores 10 classes .* has label 11"):
+        preflight.check_net(prototxt, phase="TRAIN")
+
+
 def test_a_blob_no_layer_produces_is_named_before_caffe_aborts_on_it(tmp_path):
     prototxt = tmp_path / "net.prototxt"
     prototxt.write_text('layer { name: "data" type: "Input" top: "data" '

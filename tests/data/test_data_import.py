@@ -8,6 +8,7 @@ import json
 import lmdb
 import numpy as np
 import pytest
+from PIL import Image
 
 from clipq.caffe import build, caffe_io
 from clipq.data import data_import, image_sources
@@ -43,6 +44,13 @@ def test_split_is_stratified_disjoint_complete_and_seeded():
 def test_split_fractions_must_leave_training_images():
     with pytest.raises(ClipqError, match="together below 1"):
         data_import.stratified_split([0, 1], 0.5, 0.5, 0)
+
+
+def test_a_class_too_small_for_every_split_is_refused_by_name():
+    with pytest.raises(ClipqError, match=r"class 'cat' has 2 image\(s\): too few .* \(3 needed\)"):
+        data_import.stratified_split([0] * 10 + [1] * 2, 0.1, 0.1, 0, ["dog", "cat"])
+    splits = data_import.stratified_split([0] * 10 + [1] * 2, 0.1, 0, 0, ["dog", "cat"])
+    assert sum(i >= 10 for i in splits["val"]) == 1  # without a test split, 2 images are enough
 
 
 def test_colour_images_are_stored_bgr_and_the_mean_is_the_training_images(tmp_path):
@@ -141,3 +149,14 @@ def test_a_jpeg_folder_through_convert_imageset_and_through_clipq_data_gives_the
         assert min(np.abs(image.astype(int) - t).max() for t in theirs[label]) <= 2
     np.testing.assert_allclose(data_import.read_mean(tmp_path / "ours" / "mean.binaryproto"),
                                data_import.read_mean(tmp_path / "caffe_mean.binaryproto"), atol=2)
+
+
+def test_an_output_inside_the_input_folder_is_refused_before_anything_is_written(tmp_path, capsys):
+    from clipq import cli
+    for name in ("a", "b"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "photos" / name / "x.png")
+    assert cli.main(["data", str(tmp_path / "photos"), "--out", str(tmp_path / "photos" / "lmdb"),
+                     "--no-progress"]) != 0
+    assert "inside the input folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["a", "b"]

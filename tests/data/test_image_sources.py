@@ -58,6 +58,23 @@ def test_csv_with_header_label_first_or_last(tmp_path):
     assert_same(image_sources.load(last, label_column="last"))
 
 
+def test_a_csv_header_of_column_numbers_is_skipped_not_imported(tmp_path):
+    rows = [[int(label)] + image.ravel().tolist() for image, label in zip(IMAGES, LABELS)]
+    path = tmp_path / "numbered.csv"
+    path.write_text(",".join(map(str, range(37))) + "\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    assert_same(image_sources.load(path))
+
+
+def test_integer_pixels_of_only_0_and_1_are_refused_not_scaled(tmp_path):
+    path = tmp_path / "binary.csv"
+    path.write_text("1,0,1,1,0\n0,1,0,0,1\n")
+    with pytest.raises(ClipqError, match=r"binary.csv.*every pixel is the integer 0 or 1"):
+        image_sources.load(path)
+    (tmp_path / "unit.csv").write_text("1,0.0,1.0,1.0,0.0\n0,1.0,0.0,0.0,1.0\n")
+    _, images = zip(*[(e.label, e.load()) for e in image_sources.load(tmp_path / "unit.csv").examples])
+    assert images[0].ravel().tolist() == [0, 255, 255, 0]
+
+
 def test_csv_names_as_labels_are_numbered_in_sorted_order(tmp_path):
     path = tmp_path / "names.csv"
     path.write_text("dog,1,2,3,4\ncat,5,6,7,8\ndog,0,0,0,0\n")

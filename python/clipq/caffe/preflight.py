@@ -146,11 +146,12 @@ def input_shapes(net_param) -> dict[str, Shape]:
     return shapes
 
 
-def blob_shapes(net_param, prototxt: str | os.PathLike, phase: str = "TEST",
-                read_data: bool = True) -> dict[str, Shape | None]:
+def blob_shapes(net_param, prototxt: str | os.PathLike, phase: str = "TEST", read_data: bool = True,
+                labels: bool = True) -> dict[str, Shape | None]:
     """Every blob's shape in `phase` (None: unknown); an error naming the layer whose output would be
     empty and the net's input shapes (e.g. 8x8 images through LeNet-5). Without `read_data`, the Data
-    layers' LMDBs are not opened (and what they feed is not checked)."""
+    layers' LMDBs are not opened (and what they feed is not checked); with it and `labels`, their labels
+    are checked against the scores they index."""
     shapes: dict[str, Shape | None] = input_shapes(net_param)
     if read_data:
         shapes.update(data_sources(net_param, prototxt, phase))
@@ -182,7 +183,36 @@ def blob_shapes(net_param, prototxt: str | os.PathLike, phase: str = "TEST",
                 raise ClipqError(f"{prototxt}: layer '{layer.name}' ({layer.type}) would output an empty blob "
                                  f"'{top}' of shape {_fmt(shape)} from input {inputs}; the net needs larger inputs")
             shapes[top] = shape
+    if read_data and labels:
+        _check_labels(net_param, prototxt, phase, shapes)
     return shapes
+
+
+LABELED_SCORES = {"SoftmaxWithLoss": "softmax_param", "Accuracy": "accuracy_param"}
+
+
+def _check_labels(net_param, prototxt, phase: str, shapes: dict[str, Shape | None]) -> None:
+    """Every label a Data layer's LMDB feeds a SoftmaxWithLoss / Accuracy indexes its scores: Caffe's CPU code
+    does not check (a label >= the classes corrupts the heap in training and reads out of bounds in testing)."""
+    label_layers = {layer.top[1]: layer for layer in net_param.layer
+                    if layer.type == "Data" and in_phase(layer, phase) and len(layer.top) > 1
+                    and layer.data_param.backend == caffe_io.caffe_pb2().DataParameter.LMDB}
+    for layer in net_param.layer:
+        if layer.type not in LABELED_SCORES or not in_phase(layer, phase) or len(layer.bottom) < 2:
+            continue
+        data, scores = label_layers.get(layer.bottom[1]), shapes.get(layer.bottom[0])
+        if data is None or not scores:
+            continue
+        classes = scores[getattr(layer, LABELED_SCORES[layer.type]).axis % len(scores)]
+        found = caffe_io.labels(data.data_param.source, f"LMDB of layer '{data.name}'")
+        ignored = {p.ignore_label for p in (layer.loss_param, layer.accuracy_param) if p.HasField("ignore_label")}
+        bad = sorted(label for label in (found or ()) if not 0 <= label < classes and label not in ignored)
+        if bad:
+            label = bad[0] if bad[0] < 0 else bad[-1]
+            raise ClipqError(f"{prototxt}: layer '{layer.name}' ({layer.type}) scores {classes} classes (blob "
+                             f"'{layer.bottom[0]}'), but {data.data_param.source} has label {label}; Caffe would "
+                             "index out of bounds. Labels must be 0..classes-1: give the net as many outputs as the "
+                             "data has classes, or the LMDB of this net's data")
 
 
 def _layer_outputs(layer, bottoms: list[Shape]) -> list[Shape] | None:

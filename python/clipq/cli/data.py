@@ -8,6 +8,7 @@ from pathlib import Path
 from clipq.cli.arguments import fraction_or_zero, new_dir, positive_float, positive_int, shape_chw
 from clipq.data import data_import, experiment, image_sources
 from clipq.data.image_sources import KINDS
+from clipq.util.errors import ClipqError
 
 
 def add_data(sub) -> None:
@@ -56,6 +57,9 @@ def _data(args) -> int:
     settings = data_import.ImportSettings(args.val, args.test, args.seed, tuple(args.resize) if args.resize else None,
                                           args.channels, args.encoded)
     data_import.check_settings(settings)  # before the input is read
+    if Path(args.input).is_dir() and Path(args.out).resolve().is_relative_to(Path(args.input).resolve()):
+        raise ClipqError(f"--out {args.out}: inside the input folder {args.input}, where it would become a class of "
+                         "the next import; give a directory outside it")
     source = image_sources.load(args.input, args.kind, args.labels, args.label_column, args.shape, args.root)
     info = data_import.import_images(source, args.out, settings, str(args.input), progress=not args.no_progress)
     splits = ", ".join(f"{name} {s['count']:,}" for name, s in info["splits"].items())

@@ -59,16 +59,24 @@ def check_settings(settings: ImportSettings) -> None:
                          "may have")
 
 
-def stratified_split(labels: list[int], val: float, test: float, seed: int) -> dict[str, list[int]]:
+def stratified_split(labels: list[int], val: float, test: float, seed: int,
+                     classes: list[str] | None = None) -> dict[str, list[int]]:
     """Indices of train / val / test: per class, shuffled with `seed`, round(n * fraction) to val and test
-    (at least one each when the fraction is positive and the class has 3 or more images)."""
+    (at least one each when the fraction is positive). A class too small to give every split an image is
+    refused, naming it (`classes`: the names, index = label), rather than left out of val or test unsaid."""
     if not 0 <= val < 1 or not 0 <= test < 1 or val + test >= 1:
         raise ClipqError(f"--val {val:g} and --test {test:g}: each must be in [0, 1) and together below 1")
     rng = np.random.default_rng(seed)
     labels_array = np.asarray(labels)
     splits: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
+    needed = 1 + (val > 0) + (test > 0)
     for label in np.unique(labels_array):
         members = rng.permutation(np.flatnonzero(labels_array == label))
+        if len(members) < needed:
+            name = classes[label] if classes is not None else str(label)
+            raise ClipqError(f"class {name!r} has {len(members)} image(s): too few to give training, --val {val:g} "
+                             f"and --test {test:g} one each ({needed} needed); add images, drop the class, or give "
+                             "--val 0 / --test 0")
         counts = [_share(len(members), fraction) for fraction in (val, test)]
         splits["val"] += members[:counts[0]].tolist()
         splits["test"] += members[counts[0]:counts[0] + counts[1]].tolist()
@@ -78,7 +86,7 @@ def stratified_split(labels: list[int], val: float, test: float, seed: int) -> d
 
 def _share(n: int, fraction: float) -> int:
     share = int(round(n * fraction))
-    return max(share, 1) if fraction > 0 and n >= 3 else share
+    return max(share, 1) if fraction > 0 else share
 
 
 def prepare(image: np.ndarray, settings: ImportSettings) -> np.ndarray:
@@ -144,7 +152,8 @@ def import_images(source: Source, out: Path, settings: ImportSettings, origin: s
 def _import_images(source: Source, out: Path, settings: ImportSettings, origin: str, progress: bool) -> dict:
     if not source.examples:
         raise ClipqError(f"{origin or source.kind}: no images")
-    splits = stratified_split([e.label for e in source.examples], settings.val, settings.test, settings.seed)
+    splits = stratified_split([e.label for e in source.examples], settings.val, settings.test, settings.seed,
+                              source.classes)
     first = prepare(_load(source.examples[0]), settings)
     shape = first.shape
     counts, mean = {}, np.zeros(shape, np.float64)

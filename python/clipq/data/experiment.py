@@ -80,20 +80,24 @@ def read_data_dir(path: Path) -> DataDir:
 def label_classes(path: Path, counts: dict[str, int]) -> int:
     """How many classes the net must output: the labels of every split are read once (Caffe's losses index
     their scores with them, unchecked on the CPU), and a dataset.json that lists fewer classes is refused."""
-    low, high = None, None
+    description = path / data_import.DATASET_FILE
+    listed = len(data_import.read_description(path)["classes"]) if description.exists() else None
+    high = None
     for split in counts:
         lmdb_path = path / data_import.lmdb_name(split)
-        split_low, split_high = caffe_io.label_range(lmdb_path, f"{split} LMDB")
-        if split_low < 0:
-            raise ClipqError(f"{lmdb_path}: label {split_low}; labels must be 0, 1, 2, ...")
-        low, high = min(low, split_low) if low is not None else split_low, max(high or 0, split_high)
-    if (path / data_import.DATASET_FILE).exists():
-        listed = len(data_import.read_description(path)["classes"])
-        if listed <= high:
-            raise ClipqError(f"{path / data_import.DATASET_FILE}: lists {listed} classes, but the LMDBs have labels "
-                             f"up to {high}; fix its 'classes' (or re-import with `clipq data`)")
-        return listed
-    return high + 1
+        found = caffe_io.labels(lmdb_path, f"{split} LMDB")
+        if found is None:
+            continue  # too large to read here: dataset.json says
+        if min(found) < 0:
+            raise ClipqError(f"{lmdb_path}: label {min(found)}; labels must be 0, 1, 2, ...")
+        high = max(found) if high is None else max(high, max(found))
+    if listed is not None and high is not None and listed <= high:
+        raise ClipqError(f"{description}: lists {listed} classes, but the LMDBs have labels up to {high}; fix its "
+                         "'classes' (or re-import with `clipq data`)")
+    if listed is None and high is None:
+        raise ClipqError(f"{path}: LMDBs larger than {caffe_io.LABEL_SCAN_BYTES >> 30} GB and no "
+                         f"{data_import.DATASET_FILE}; write one listing the classes (see docs/own_data.md)")
+    return listed if listed is not None else high + 1
 
 
 def test_batch(count: int) -> int:
@@ -329,7 +333,7 @@ def _init(deploy: Path, data_path: Path, out: Path, settings: InitSettings) -> t
                   "val_lmdb": str(data.lmdb("val")) if data.lmdb("val") else None,
                   "test_lmdb": str(data.lmdb("test")), "counts": data.counts}
     try:  # e.g. 8x8 images into LeNet-5: one clear error now, not a Caffe abort later
-        shapes = preflight.blob_shapes(net, deploy, "TRAIN")
+        shapes = preflight.blob_shapes(net, deploy, "TRAIN", labels=False)  # _check_scores says it for init
     except ClipqError as e:
         raise ClipqError(f"{e}; with the images of {data.path} ({'x'.join(map(str, data.shape))}): make them "
                          f"larger with `clipq data ... --resize H W`") from None

@@ -171,6 +171,9 @@ def to_chw(images: np.ndarray, where: str) -> np.ndarray:
     elif images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ClipqError(f"{where}: images of shape {images.shape}; expected (N, H, W) grey or (N, C, H, W) / "
                          f"(N, H, W, C) with 1 or 3 channels")
+    if images.dtype.kind in "iu" and images.size and images.min() >= 0 and images.max() <= 1:
+        raise ClipqError(f"{where}: every pixel is the integer 0 or 1: binary images? Give them as 0 and 255, or as "
+                         "floats 0.0 / 1.0 to have them scaled to 0..255 (stored as 0 and 1 they would be black)")
     if images.dtype == np.uint8:
         return images
     if images.dtype.kind == "f" and images.size and 0 <= images.min() and images.max() <= 1:
@@ -316,17 +319,22 @@ def parse_idx(raw: bytes, path) -> np.ndarray:
 
 
 def _from_csv(path: Path, label_column: str, shape: tuple[int, int, int] | None) -> Source:
-    """Rows of `label, pixel...` (label_column "first") or `pixel..., label` ("last"); a header row is skipped."""
-    labels, rows = [], []
+    """Rows of `label, pixel...` (label_column "first") or `pixel..., label` ("last"); a header row (names, or
+    the column numbers 0, 1, 2, ... or 1, 2, 3, ...) is skipped. Pixels written as whole numbers are integers,
+    others floats (so that 0/1 integers are not taken for floats in [0, 1])."""
+    labels, rows, floats = [], [], False
     with _open_text(path) as f:
         for line, row in _csv_rows(_lines(f, path), path):
-            if not row or (line == 1 and not _numeric(row[-1 if label_column == "first" else 0])):
-                continue  # a blank line, or the header
+            if not row:
+                continue
             label, pixels = (row[0], row[1:]) if label_column == "first" else (row[-1], row[:-1])
+            if line == 1 and (not _numeric(row[-1 if label_column == "first" else 0]) or _column_numbers(pixels)):
+                continue  # the header
             try:
                 rows.append(np.array(pixels, dtype=np.float64))
             except ValueError:
                 raise ClipqError(f"{path}:{line}: a pixel is not a number (label column: {label_column})") from None
+            floats = floats or any(mark in "".join(pixels) for mark in ".eEnN")
             if len(rows[-1]) != len(rows[0]):
                 raise ClipqError(f"{path}:{line}: {len(rows[-1])} pixels, but the first row has {len(rows[0])}")
             if label.strip() == "":
@@ -338,6 +346,8 @@ def _from_csv(path: Path, label_column: str, shape: tuple[int, int, int] | None)
     if int(np.prod(shape)) != len(rows[0]):
         raise ClipqError(f"{path}: {len(rows[0])} pixels per row do not make --shape {'x'.join(map(str, shape))}")
     images = np.stack(rows).reshape((len(rows),) + tuple(shape))
+    if not floats:
+        images = images.astype(np.int64)
     return _from_arrays(path, images, np.array(labels), f"{path} ({label_column} column)", "csv")
 
 
@@ -352,6 +362,15 @@ def _csv_rows(lines, path: Path):
         except csv.Error as e:
             raise ClipqError(f"{path}:{reader.line_num}: not CSV ({e})") from None
         yield reader.line_num, row
+
+
+def _column_numbers(cells: list[str]) -> bool:
+    """Cells that number the columns (0, 1, 2, ... or 1, 2, 3, ..., at least a 4x4 image's): a header, not an
+    image."""
+    if len(cells) < 16 or not all(WHOLE_RE.fullmatch(c) for c in cells):
+        return False
+    first = int(cells[0])
+    return first in (0, 1) and all(int(c) == first + i for i, c in enumerate(cells))
 
 
 def _numeric(text: str) -> bool:
