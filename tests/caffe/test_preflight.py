@@ -63,6 +63,18 @@ def test_labels_beyond_the_nets_classes_are_refused_before_caffe_corrupts_its_he
         preflight.check_net(prototxt, phase="TRAIN")
 
 
+def test_blobs_over_caffes_int_max_limit_are_refused_naming_the_layer(tmp_path):
+    prototxt = tmp_path / "big.prototxt"
+    prototxt.write_text('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1000 } } }\n'
+                        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                        'inner_product_param { num_output: 3000000 } }\n')
+    with pytest.raises(ClipqError, match=r"layer 'ip' has a weight blob of shape 3000000x1000: 3,000,000,000 values"):
+        preflight.check_net(prototxt)
+    prototxt.write_text(prototxt.read_text().replace("dim: 1 dim: 1000", "dim: 3000 dim: 1000").replace("3000000", "1000000"))
+    with pytest.raises(ClipqError, match=r"layer 'ip' \(InnerProduct\) would output blob 'ip' of shape 3000x1000000"):
+        preflight.check_net(prototxt)
+
+
 def test_a_blob_no_layer_produces_is_named_before_caffe_aborts_on_it(tmp_path):
     prototxt = tmp_path / "net.prototxt"
     prototxt.write_text('layer { name: "data" type: "Input" top: "data" '

@@ -28,6 +28,7 @@ from google.protobuf import json_format
 from clipq.caffe import caffe_io, caffemodel
 from clipq.caffe.convert import METHOD_CLASS_TYPE
 from clipq.caffe.param_str import WRAPPED, WrappedParam
+from clipq.storage.sparse_codec import MAX_BLOB_COUNT
 from clipq.util.errors import ClipqError
 
 Shape = tuple[int, ...]
@@ -182,6 +183,10 @@ def blob_shapes(net_param, prototxt: str | os.PathLike, phase: str = "TEST", rea
             if shape is not None and min(shape, default=1) <= 0:
                 raise ClipqError(f"{prototxt}: layer '{layer.name}' ({layer.type}) would output an empty blob "
                                  f"'{top}' of shape {_fmt(shape)} from input {inputs}; the net needs larger inputs")
+            if shape is not None and math.prod(shape) > MAX_BLOB_COUNT:
+                raise ClipqError(f"{prototxt}: layer '{layer.name}' ({layer.type}) would output blob '{top}' of "
+                                 f"shape {_fmt(shape)}: {math.prod(shape):,} values, more than Caffe's limit of "
+                                 f"{MAX_BLOB_COUNT:,} per blob")
             shapes[top] = shape
     if read_data and labels:
         _check_labels(net_param, prototxt, phase, shapes)
@@ -389,6 +394,11 @@ def check_net(prototxt: str | os.PathLike, weights: str | os.PathLike | None = N
     for `read_data`, `weights_fit` for `require_all`)."""
     param = net(prototxt, what)
     shapes = blob_shapes(param, prototxt, phase, read_data)
+    for name, blobs in param_shapes(param, shapes, phase).items():
+        for shape in blobs or ():
+            if math.prod(shape) > MAX_BLOB_COUNT:
+                raise ClipqError(f"{prototxt}: layer '{name}' has a weight blob of shape {_fmt(shape)}: "
+                                 f"{math.prod(shape):,} values, more than Caffe's limit of {MAX_BLOB_COUNT:,} per blob")
     if weights is not None:
         weights_fit(param, prototxt, weights, shapes, phase, require_all)
     return NetCheck(param, shapes)
