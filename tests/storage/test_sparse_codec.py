@@ -160,6 +160,39 @@ def test_a_version_1_file_still_decodes():
     assert all(np.array_equal(x, y) for a, b in zip(layers, decoded) for x, y in zip(a.blobs, b.blobs))
 
 
+def shared_pair() -> list[Layer]:
+    """Two layers with one weight blob (Caffe's `param { name: ... }`) and biases of their own."""
+    first, second = quantized(name="a"), quantized(name="b")
+    second.blobs[1] = second.blobs[1] + 1
+    return [first, second]
+
+
+def test_shared_weights_are_stored_once_and_decode_into_both_layers():
+    layers = shared_pair()
+    data = sparse_codec.encode(layers)
+    header = header_of(data)
+    assert header["version"] == 3
+    assert (header["layers"][1]["encoding"], header["layers"][1]["of"]) == ("shared", "a")
+    assert header["layers"][1]["length"] == 4 * 64  # its bias only
+    assert len(data) - len(sparse_codec.encode(layers[:1])) < 4 * 64 + 100  # its bias and its header entry
+    _, decoded = sparse_codec.decode(data)
+    assert all(np.array_equal(x, y) for a, b in zip(layers, decoded) for x, y in zip(a.blobs, b.blobs))
+
+
+def test_a_file_without_shared_layers_stays_version_2():
+    assert header_of(sparse_codec.encode([quantized(), raw()]))["version"] == 2
+
+
+def test_a_shared_entry_must_name_an_earlier_layer_of_its_shape():
+    data = sparse_codec.encode(shared_pair())
+    header = header_of(data)
+    header["layers"][1]["of"] = "b"
+    with pytest.raises(ClipqError, match="layer 'b': field 'of' is 'b', not an earlier layer with weights of shape"):
+        sparse_codec.decode(with_header(data, header), "m.clipq")
+    with pytest.raises(ClipqError, match="field 'encoding' is 'shared', not 'raw' or 'sparse'"):
+        sparse_codec.decode(with_header(data, header_of(data) | {"version": 2}, version=2), "m.clipq")
+
+
 def test_encode_refuses_a_layer_the_reader_would_refuse():
     layer = raw()
     layer.type = "Normalize"

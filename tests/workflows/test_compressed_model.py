@@ -114,3 +114,22 @@ def test_random_weights_size_table_matches_the_encoded_layers(repo):
     assert ip1.original == 4 * (500 * 800 + 500)
     assert ip1.compressed == next(layer.facts["length"] for layer in layers if layer.name == "ip1")
     assert size.overall(layers).compressed < len(data)  # the file adds its header
+
+
+def test_layers_sharing_weights_are_stored_once_and_decode_as_caffe_shares_them(tmp_path):
+    deploy = tmp_path / "shared.prototxt"
+    deploy.write_text('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 64 } } }\n'
+                      + "".join(f'layer {{ name: "{name}" type: "InnerProduct" bottom: "{bottom}" top: "{name}" '
+                                f'param {{ name: "w" }} inner_product_param {{ num_output: 64 }} }}\n'
+                                for name, bottom in (("a", "x"), ("b", "a"))))
+    random_caffemodel(deploy, tmp_path / "w.caffemodel", std=0.5)
+    layers = compressed_model.encode_file(deploy, tmp_path / "w.caffemodel", tmp_path / "m.clipq",
+                                          {"a": LayerPlan(0.5, 4), "b": LayerPlan(0.5, 4)})
+    assert [(layer.facts["encoding"], layer.facts.get("of")) for layer in layers] == [("sparse", None),
+                                                                                      ("shared", "a")]
+    assert layers[1].facts["length"] == 4 * 64  # b's own bias only
+    compressed_model.decode_file(tmp_path / "m.clipq", tmp_path / "d.caffemodel", deploy)
+    cf = caffe_io.caffe()
+    net = cf.Net(str(deploy), str(tmp_path / "d.caffemodel"), cf.TEST)
+    assert np.array_equal(net.params["a"][0].data, net.params["b"][0].data)
+    assert abs(np.count_nonzero(net.params["b"][0].data) - 64 * 64 // 2) <= 2  # pruned at p = 0.5

@@ -11,6 +11,9 @@ quantization level". Per compressed layer, with the weights flattened in Caffe's
   bits name the 2^b - 1 levels plus zero, exactly the paper's bit budget.
 - *codebook*: 2^b - 1 float32 levels; then the layer's other blobs (bias) as float32.
 Layers that are not compressed (BatchNorm, Scale, aux branches, ...) are stored as raw float32 blobs.
+A layer whose weights equal an earlier layer's (Caffe's shared weights, `param { name: ... }`: the caffemodel
+holds one copy per layer) stores them once: its entry is `shared` with the earlier layer's name (`of`), and
+its payload holds only its other blobs (format version 3; files without such a layer are still version 2).
 Optionally (`huffman=True`) both streams are Huffman-coded (Table 4's bracketed sizes).
 
 File: magic (8 bytes) | format version (u32 LE) | header length (u32) | header CRC32 (u32) | header
@@ -28,6 +31,7 @@ against one (`clipq decode --model`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import reprlib
@@ -42,7 +46,8 @@ from clipq.storage import huffman
 from clipq.util.errors import ClipqError
 
 MAGIC = b"\x89CLIPQ\r\n"
-FORMAT_VERSION = 2       # 2: a layer's CRC32 covers its header entry too; 1 (still read): its payload only
+FORMAT_VERSION = 3       # 3: shared layers; 2: a layer's CRC32 covers its header entry too; 1: its payload only
+SHARED_VERSION = 3       # the first version with `shared` entries (a file without one is written as version 2)
 FIXED_BYTES = len(MAGIC) + 12
 MAX_INDEX_BITS = 24
 MAX_BITS = 8
@@ -188,13 +193,37 @@ def encode_layer(layer: Layer, use_huffman: bool = False) -> tuple[dict, bytes]:
     return entry, index_bytes + code_bytes + codebook + others
 
 
-def decode_layer(entry: dict, payload: bytes) -> Layer:
-    """Inverse of `encode_layer` (for an entry `check_header` accepted); ValueError if the streams do not fit it."""
+def encode_shared(layer: Layer, owner: str) -> tuple[dict, bytes]:
+    """(header entry, payload) of a layer whose weights are those of the earlier layer `owner`: its other blobs."""
+    entry = {"name": layer.name, "type": layer.type, "shapes": [list(b.shape) for b in layer.blobs],
+             "encoding": "shared", "of": owner}
+    return entry, _float_bytes(layer.blobs[1:])
+
+
+def _weights_key(layer: Layer) -> tuple:
+    """What two layers with the same weights (and the same codes and codebook, if compressed) share."""
+    weights = np.ascontiguousarray(layer.blobs[0])
+    digest = hashlib.blake2b(weights.data, digest_size=16).digest()
+    return (layer.type, weights.shape, weights.dtype.str, digest, layer.bits,
+            None if layer.codebook is None else np.ascontiguousarray(layer.codebook, "<f4").tobytes())
+
+
+def _same_weights(layer: Layer, other: Layer) -> bool:
+    same_codes = (layer.codes is None) == (other.codes is None) and (
+        layer.codes is None or np.array_equal(layer.codes, other.codes))
+    return same_codes and np.array_equal(layer.blobs[0], other.blobs[0])
+
+
+def decode_layer(entry: dict, payload: bytes, owner: Layer | None = None) -> Layer:
+    """Inverse of `encode_layer` / `encode_shared` (for an entry `check_header` accepted; `owner`: the decoded
+    layer a shared entry names); ValueError if the streams do not fit it."""
     from clipq.storage import kernels  # lazy: numba's import (0.4 s) stays out of `clipq --help`
 
     shapes = [tuple(s) for s in entry["shapes"]]
     if entry["encoding"] == "raw":
         return Layer(entry["name"], entry["type"], _float_blobs(payload, shapes))
+    if entry["encoding"] == "shared":
+        return Layer(entry["name"], entry["type"], [owner.blobs[0].copy()] + _float_blobs(payload, shapes[1:]))
     lengths = entry["stream_bytes"]
     if sum(lengths) != len(payload):
         raise ValueError(f"streams need {sum(lengths)} bytes, payload has {len(payload)}")
@@ -316,7 +345,7 @@ def _check_sparse(entry: dict, counts: list[int], huffman_file: bool, where: str
                          f"take {4 * sum(counts[1:])}")
 
 
-def _check_entry(entry, number: int, huffman_file: bool, source: str) -> str:
+def _check_entry(entry, number: int, huffman_file: bool, source: str, version: int) -> str:
     """One layer's header entry, checked against itself; its name."""
     where = f"{source}: layer #{number}"
     if not isinstance(entry, dict):
@@ -335,8 +364,14 @@ def _check_entry(entry, number: int, huffman_file: bool, source: str) -> str:
     encoding = _field(entry, "encoding", str, where)
     if encoding == "sparse":
         _check_sparse(entry, counts, huffman_file, where)
+    elif encoding == "shared" and version >= SHARED_VERSION:
+        _field(entry, "of", str, where)
+        if entry["length"] != 4 * sum(counts[1:]):
+            raise ClipqError(f"{where}: field 'length' is {entry['length']}; its own float32 blobs of shapes "
+                             f"{entry['shapes'][1:]} take {4 * sum(counts[1:])} bytes")
     elif encoding != "raw":
-        raise ClipqError(f"{where}: field 'encoding' is {reprlib.repr(encoding)}, not 'raw' or 'sparse'")
+        kinds = "'raw', 'sparse' or 'shared'" if version >= SHARED_VERSION else "'raw' or 'sparse'"
+        raise ClipqError(f"{where}: field 'encoding' is {reprlib.repr(encoding)}, not {kinds}")
     elif entry["length"] != 4 * sum(counts):
         raise ClipqError(f"{where}: field 'length' is {entry['length']}; float32 blobs of shapes "
                          f"{entry['shapes']} take {4 * sum(counts)} bytes")
@@ -361,12 +396,15 @@ def check_header(header, version: int, payload_bytes: int, source: str = "file")
     entries = _field(header, "layers", list, where)
     if not entries:
         raise ClipqError(f"{where}: field 'layers' is empty")
-    names, end = set(), 0
+    shapes, end = {}, 0
     for number, entry in enumerate(entries, 1):
-        name = _check_entry(entry, number, huffman_file, source)
-        if name in names:
+        name = _check_entry(entry, number, huffman_file, source, version)
+        if name in shapes:
             raise ClipqError(f"{source}: layer '{name}' appears twice")
-        names.add(name)
+        if entry["encoding"] == "shared" and shapes.get(entry["of"]) != entry["shapes"][0]:
+            raise ClipqError(f"{source}: layer '{name}': field 'of' is {reprlib.repr(entry['of'])}, not an earlier "
+                             f"layer with weights of shape {entry['shapes'][0]}")
+        shapes[name] = entry["shapes"][0]
         if entry["offset"] != end:
             raise ClipqError(f"{source}: layer '{name}': field 'offset' is {entry['offset']}, "
                              f"but the layers before it end at {end}")
@@ -398,19 +436,27 @@ def _layer_crc(entry: dict, payload: bytes, version: int = FORMAT_VERSION) -> in
 def encode(layers: list[Layer], meta: dict | None = None, use_huffman: bool = False) -> bytes:
     """A whole `.clipq` file; fills each layer's `facts` (its entry in the header). ClipqError if a layer
     could not be read back (a name or type the reader refuses)."""
-    entries, payloads, offset = [], [], 0
+    entries, payloads, offset, stored = [], [], 0, {}
     for layer in layers:
-        entry, payload = encode_layer(layer, use_huffman)
+        key = _weights_key(layer)
+        owner = stored.get(key)
+        if owner is not None and _same_weights(layer, owner):
+            entry, payload = encode_shared(layer, owner.name)
+        else:
+            stored.setdefault(key, layer)
+            entry, payload = encode_layer(layer, use_huffman)
         entry.update(offset=offset, length=len(payload))
         entry["crc32"] = _layer_crc(entry, payload)
         layer.facts = entry
         entries.append(entry)
         payloads.append(payload)
         offset += len(payload)
-    header = {"format": "clipq", "version": FORMAT_VERSION, "huffman": use_huffman, "meta": meta or {},
+    # version 2 unless a layer is shared, so that a clipq that predates shared layers reads every other file
+    version = SHARED_VERSION if any(e["encoding"] == "shared" for e in entries) else 2
+    header = {"format": "clipq", "version": version, "huffman": use_huffman, "meta": meta or {},
               "layers": entries}
-    check_header(header, FORMAT_VERSION, offset, "cannot write a .clipq")  # what is written can be read
-    return frame(header) + b"".join(payloads)
+    check_header(header, version, offset, "cannot write a .clipq")  # what is written can be read
+    return frame(header, version) + b"".join(payloads)
 
 
 def frame(header: dict, version: int = FORMAT_VERSION) -> bytes:
@@ -471,7 +517,8 @@ def decode(data: bytes, source: str = "file") -> tuple[dict, list[Layer]]:
         if _layer_crc(entry, payload, header["version"]) != entry["crc32"]:
             raise ClipqError(f"{source}: layer '{entry['name']}': CRC mismatch (corrupt data or an edited header)")
         try:
-            layer = decode_layer(entry, payload)
+            owner = next((o for o in layers if o.name == entry["of"]), None) if entry["encoding"] == "shared" else None
+            layer = decode_layer(entry, payload, owner)
         except ValueError as e:
             raise ClipqError(f"{source}: layer '{entry['name']}': {e}") from None
         layer.facts = entry
