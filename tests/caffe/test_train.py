@@ -74,6 +74,22 @@ def test_a_failing_caffe_run_reports_the_log(tmp_path):
         train.train(solver, progress=False)
 
 
+def test_a_snapshot_caffe_cannot_write_is_one_line_with_its_check_and_the_full_disk(tmp_path, toy_layers_on_path,
+                                                                                    monkeypatch):
+    solver = write_solver(tmp_path, max_iter=4, snapshot=2)
+    # weights larger than the stream's buffer: Caffe's write fails in its CHECK (a small one fails unchecked
+    # when the stream closes, leaving a truncated snapshot that resuming skips)
+    (tmp_path / "net.prototxt").write_text(PY_LAYER_NET.replace("dim: 32 dim: 4 }", "dim: 32 dim: 8192 }"))
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "snap" / "toy_iter_2.caffemodel").symlink_to("/dev/full")  # every write: no space left
+    monkeypatch.setattr(train, "LOW_DISK", 1 << 62)  # and the disk counted as full
+    with pytest.raises(ClipqError) as refused:
+        train.train(solver, progress=False)
+    assert "\n" not in str(refused.value)
+    assert re.search(r"failed: Check failed: .*\(io\.cpp:\d+\); log: .* MB free: a snapshot could not be written",
+                     str(refused.value))
+
+
 def test_solver_without_snapshot_prefix_is_rejected(tmp_path):
     solver = tmp_path / "solver.prototxt"
     solver.write_text('net: "x.prototxt"\nmax_iter: 10\n')

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,11 +226,38 @@ def _run_caffe(solver: Path, param, weights: Path | None, log: Path, progress: b
             if bar is not None:
                 bar.close()
     if code != 0:
-        raise ClipqError(f"caffe train --solver {solver} failed (exit {code}); log: {log}\n" + "".join(tail))
+        raise _failure(solver, code, log, list(tail), Path(param.snapshot_prefix).parent)
     problem = final_problem(param, layers)
     if problem:
         raise ClipqError(f"caffe train stopped before max_iter={param.max_iter} ({problem}); rerun to resume "
-                         f"(log: {log})")
+                         f"(log: {log})" + _full_disk(Path(param.snapshot_prefix).parent))
+
+
+FATAL_RE = re.compile(r"^F\d{4,8} [\d:.]+ +\d+ ([^\]]+)\] (.*)$")  # glog's F line: Caffe's CHECK that failed
+LOW_DISK = 64 << 20  # bytes free under which a failed write is put down to a full disk
+
+
+def _failure(solver, code: int, log: Path, tail: list[str], snapshot_dir: Path) -> ClipqError:
+    """One line from Caffe's fatal (glog F) line if it wrote one, saying so when the snapshots' disk is full;
+    else the log's last lines."""
+    fatal = next((m for m in map(FATAL_RE.match, reversed(tail)) if m), None)
+    if fatal is None:
+        return ClipqError(f"caffe train --solver {solver} failed (exit {code}); log: {log}\n" + "".join(tail))
+    where, what = fatal.groups()
+    return ClipqError(f"caffe train --solver {solver} failed: {what.strip()} ({where}); log: {log}"
+                      + _full_disk(snapshot_dir))
+
+
+def _full_disk(snapshot_dir: Path) -> str:
+    """What to add to a failure when the snapshots' disk is (nearly) full."""
+    try:
+        free = shutil.disk_usage(snapshot_dir).free
+    except OSError:
+        return ""
+    if free >= LOW_DISK:
+        return ""
+    return (f". {snapshot_dir} has {free / 1e6:.0f} MB free: a snapshot could not be written; free space and "
+            "rerun to resume from the last complete snapshot")
 
 
 def _caffe_child(parent: int) -> None:
