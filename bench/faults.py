@@ -406,6 +406,15 @@ def hostile_inputs(root: Path, f: dict[str, str]) -> dict[str, str]:
                            'layer { name: "b" type: "InnerProduct" bottom: "a" top: "b" param { name: "w" } '
                            'inner_product_param { num_output: 8 } }\n',
         "shared_plan.yaml": "layers:\n  a: {p: 0.5, b: 8}\n  b: {p: 0.9, b: 1}\n",
+        "binary_pixels.csv": "".join(f"{i % 2}," + ",".join(str((i + j) % 2) for j in range(16)) + "\n"
+                                     for i in range(20)),
+        "one_image_class.csv": "".join(f"{0 if i else 1},1,2,3,4\n" for i in range(20)),
+        "huge_ip.prototxt": 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 '
+                            'dim: 1000 } } }\nlayer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" '
+                            'inner_product_param { num_output: 3000000 } }\n',
+        "huge_ip_plan.yaml": "layers:\n  ip: {p: 0.5, b: 4}\n",
+        "labels_12.prototxt": re.sub(r'source: "[^"]*"', f'source: "{root}/labels_12"',
+                                     Path(f["train_val"]).read_text()),
     }
     files = {}
     for name, text in texts.items():
@@ -433,6 +442,10 @@ def hostile_inputs(root: Path, f: dict[str, str]) -> dict[str, str]:
     nan.ParseFromString(Path(f["weights"]).read_bytes())
     next(layer for layer in nan.layer if layer.blobs).blobs[0].data[0] = float("nan")
     (root / "nan.caffemodel").write_bytes(nan.SerializeToString())
+    datasets.write_lmdb(datasets.Split(np.zeros((24, 28, 28), np.uint8), np.arange(24) % 13), root / "labels_12")
+    for name in ("a", "b"):
+        (root / "photos" / name).mkdir(parents=True)
+        np.save(root / "photos" / name / "not_an_image.npy", np.zeros(2))  # the folder is refused before any read
     (root / "small.csv").write_text("label,p0,p1,p2,p3\n" + "".join(f"{i % 4},1,2,3,4\n" for i in range(40)))
     subprocess.run([CLIPQ, "data", root / "small.csv", "--out", root / "small"], cwd=REPO, check=True,
                    capture_output=True)
@@ -445,7 +458,7 @@ def hostile_inputs(root: Path, f: dict[str, str]) -> dict[str, str]:
     (root / "bad_experiment").mkdir()
     (root / "bad_experiment" / "experiment.json").write_text('{"train_val": 3}')
     for name in ("idx_overflow-ubyte", "strings.npy", "labels.npy", "huge_header.npy", "huge_shape.clipq",
-                 "nan.caffemodel", "small", "fewer_classes", "bad_experiment"):
+                 "nan.caffemodel", "small", "fewer_classes", "bad_experiment", "photos"):
         files[name] = str(root / name)
     return files
 
@@ -494,6 +507,13 @@ def hostile_cases(h: dict[str, str], f: dict[str, str]) -> list[Case]:
          init + ["--deploy", f["deploy"], "--data", h["fewer_classes"]]),
         ("Caffe's checks before Caffe", "NaN in the weights",
          ["evaluate", "--model", f["train_val"], "--weights", h["nan.caffemodel"], "--iterations", "1"]),
+        ("Caffe's checks before Caffe", "labels 0..12 into a net of 10 classes",
+         ["evaluate", "--model", h["labels_12.prototxt"], "--weights", f["weights"], "--iterations", "1"]),
+        ("Caffe's checks before Caffe", "a weight blob over INT_MAX values",
+         ["size", "--model", h["huge_ip.prototxt"], "--plan", h["huge_ip_plan.yaml"]]),
+        ("silently wrong", "integer 0/1 pixels", ["data", h["binary_pixels.csv"], "--out", "{out}/d"]),
+        ("silently wrong", "a class of one image", ["data", h["one_image_class.csv"], "--out", "{out}/d"]),
+        ("silently wrong", "--out inside the input folder", ["data", h["photos"], "--out", h["photos"] + "/lmdb"]),
         ("silently wrong", "shared weights, two (p, b)",
          ["convert", "--model", h["shared.prototxt"], "--plan", h["shared_plan.yaml"], "--output", "{out}/c"]),
         ("silently wrong", "plan: a layer given twice", ["convert", "--model", f["train_val"], "--plan",
