@@ -14,7 +14,8 @@ PACKAGE = REPO / "python" / "clipq"
 ARCHITECTURE = REPO / "docs" / "architecture.md"
 # Imported inside a function, and why: loading them costs a second or more, or they are optional, or
 # (numba's kernels) they compile on import; `clipq --help` and the pure-numpy paths do without them.
-HEAVY = {"caffe", "numba", "matplotlib", "GPyOpt", "scipy", "ray", "mpi4py"}
+# onnx and onnxruntime: only `clipq export-onnx` and its checks need them (importing onnx takes about a second).
+HEAVY = {"caffe", "numba", "matplotlib", "GPyOpt", "scipy", "ray", "mpi4py", "onnx", "onnxruntime"}
 LAZY_CLIPQ = {"clipq.quant.kernel", "clipq.storage.kernels"}  # numba kernels
 ENTRY = {"clipq.__main__", "clipq.data_parallel"}  # `python -m clipq`, `python -m clipq.data_parallel`
 

@@ -1,4 +1,4 @@
-"""The commands on Caffe model files: convert, export, encode, decode, size, evaluate."""
+"""The commands on Caffe model files: convert, export, encode, decode, export-onnx, size, evaluate."""
 
 from __future__ import annotations
 
@@ -108,6 +108,46 @@ def _decode(args) -> int:
         preflight.check_net(args.model)  # Caffe builds it (and opens any LMDB it reads)
     layers = compressed_model.decode_file(args.input, args.output, args.model)
     print(f"{args.output}: {len(layers)} layers" + (f", checked against {args.model}" if args.model else ""))
+    return 0
+
+
+def add_export_onnx(sub) -> None:
+    """`clipq export-onnx`: deploy + .clipq (or caffemodel) -> .onnx"""
+    p = sub.add_parser("export-onnx", help="deploy prototxt + .clipq (or caffemodel) -> ONNX, compressed layers "
+                                           "kept as codes + codebook",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Convert a deploy net and its weights to an ONNX model (clipq's own\n"
+                                   "converter; Caffe's blob names are the ONNX value names). With --clipq, each\n"
+                                   "compressed layer is stored as its b-bit codes (uint8; with --opset 21, UINT4 for\n"
+                                   "b <= 4) -> Cast -> Gather from its codebook -> the weights of Conv / Gemm: the\n"
+                                   "weights `clipq decode` writes, bit for bit. Every other blob is dense float32.\n"
+                                   "The model passes onnx.checker's full check before it is written; a layer type\n"
+                                   "the converter does not know is refused by name. Prints the file's size against\n"
+                                   "the dense export's (docs/onnx.md).",
+                       epilog="layer types: Input, Convolution, InnerProduct, Pooling (MAX, AVE, global), ReLU, "
+                              "LRN, Softmax,\n  Concat, Eltwise (SUM, PROD, MAX), BatchNorm, Scale, Bias, Dropout, "
+                              "Flatten, Reshape, Split,\n  Sigmoid, TanH, Power\n\n"
+                              "example:\n  clipq export-onnx --model prototxt/lenet5/deploy.prototxt "
+                              "--clipq final_model.clipq --output lenet5.onnx")
+    p.add_argument("--model", type=Path, required=True, help="deploy prototxt (with its Input layer)")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--clipq", type=Path, help=".clipq file (compressed layers stay codes + codebook)")
+    weights.add_argument("--weights", type=Path, help="caffemodel (every layer dense float32)")
+    p.add_argument("--output", type=output_file, required=True, help=".onnx file to write (replaced if it exists)")
+    p.add_argument("--opset", type=int, choices=[13, 21], default=13,
+                   help="ONNX opset (default: 13); 21 stores the codes of layers with b <= 4 as UINT4 "
+                        "(onnxruntime runs it; OpenCV does not read UINT4)")
+    p.set_defaults(func=_export_onnx)
+
+
+def _export_onnx(args) -> int:
+    distinct_output(args.output, model=args.model, clipq=args.clipq, weights=args.weights)
+    written = compressed_model.export_onnx(args.model, args.output, args.clipq, args.weights, args.opset)
+    for name, kind in written.compressed.items():
+        print(f"{name:<24} codes + codebook ({kind})")
+    dense = (f"dense float32 ONNX: {written.dense_bytes:,} bytes ({written.dense_bytes / written.bytes:.1f}x)"
+             if written.compressed else "every layer dense float32")
+    print(f"{args.output}: {written.bytes:,} bytes, opset {args.opset}, outputs {', '.join(written.outputs)}; {dense}")
     return 0
 
 

@@ -9,16 +9,20 @@ decode: a `.clipq` file -> a plain caffemodel (layer names and types kept). The 
 itself first (`sparse_codec.decode` refuses damage and inconsistent edits); only with the deploy prototxt
 it is meant for (`--model`) are its layer names and blob shapes checked against a net, the way Caffe will
 match them when it loads the caffemodel.
+
+export-onnx: a deploy prototxt + a `.clipq` file (its compressed layers kept as codes + codebook) or a
+caffemodel (dense) -> an `.onnx` file (`caffe.onnx_export`), checked by onnx.checker before it is written.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from clipq.caffe import caffe_io, caffemodel
+from clipq.caffe import caffe_io, caffemodel, onnx_export, preflight
 from clipq.caffe.convert import check_plan, clipq_configs
 from clipq.plan import LayerPlan
 from clipq.quant import prune_quant
@@ -169,3 +173,38 @@ def decode_file(path, output, deploy=None) -> list[Layer]:
         check_against(layers, deploy, str(path))
     caffemodel.write([caffemodel.LayerWeights(layer.name, layer.type, layer.blobs) for layer in layers], output)
     return layers
+
+
+@dataclass(frozen=True)
+class OnnxFile:
+    """What `clipq export-onnx` wrote: its size, the dense float32 export's size, the layers kept as codes."""
+
+    path: Path
+    bytes: int
+    dense_bytes: int
+    compressed: dict[str, str]   # layer -> its codes' element type (UINT8 / UINT4)
+    outputs: list[str]
+
+
+def export_onnx(model, output, clipq=None, weights=None, opset: int = onnx_export.DEFAULT_OPSET) -> OnnxFile:
+    """`clipq export-onnx`: write the ONNX model of the deploy `model` with the weights of a `.clipq` file
+    (compressed layers as codes + codebook) or of a caffemodel (dense), after onnx.checker's full check."""
+    if (clipq is None) == (weights is None):
+        raise ClipqError("give the weights as a .clipq file or as a caffemodel (one of them)")
+    net = preflight.net(model)
+    if clipq is not None:
+        source, stored = str(clipq), read_file(clipq)[1]
+    else:
+        source = str(weights)
+        stored = [Layer(w.name, w.type, w.blobs) for w in preflight.caffemodel_layers(weights) if w.blobs]
+    layers = {layer.name: layer for layer in stored}
+    exported = onnx_export.convert(net, layers, str(model), source, opset)
+    onnx_export.check(exported.model)
+    data = exported.model.SerializeToString()
+    dense_bytes = len(data)
+    if exported.compressed:  # the same net with every layer dense, for the comparison
+        dense = {name: Layer(layer.name, layer.type, layer.blobs) for name, layer in layers.items()}
+        dense_bytes = onnx_export.convert(net, dense, str(model), source, opset).model.ByteSize()
+    with atomic_write(output, "wb") as f:
+        f.write(data)
+    return OnnxFile(Path(output), len(data), dense_bytes, exported.compressed, exported.outputs)
