@@ -228,6 +228,7 @@ def test_validation_looks_seen_when_the_baseline_scores_as_well_on_it_as_on_trai
         return {"val": {"accuracy": val, "images": 500}, "train_sample": {"accuracy": train, "images": 500}}
 
     assert budget.validation_looks_seen(scores(0.996, 0.998))  # a zoo model trained on the same images
+    assert budget.validation_looks_seen(scores(1.0, 1.0))  # no error anywhere: no spread to compare against
     assert not budget.validation_looks_seen(scores(0.904, 0.940))  # 3.6 points apart: held out
     assert not budget.validation_looks_seen({"val": {"accuracy": 0.9, "images": 500}})  # nothing to compare
     assert "99.60% on the 500 validation images" in budget.seen_warning(scores(0.996, 0.998))
