@@ -35,11 +35,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipq.caffe import preflight
+from clipq.caffe import net_walk, preflight
+from clipq.caffe.net_walk import Shape
 from clipq.storage.sparse_codec import Layer
 from clipq.util.errors import ClipqError
-
-Shape = tuple[int, ...]
 DEFAULT_OPSET = 13
 UINT4_OPSET = 21     # the first opset with 4-bit integer tensors
 OPSETS = range(13, 22)
@@ -58,14 +57,12 @@ class Exported:
 class _Graph:
     """The ONNX graph being built: nodes, initializers, unique value names, Caffe blob -> current value."""
 
-    def __init__(self, opset: int, weights: dict[str, Layer], shapes: dict[str, Shape | None], source: str,
-                 weights_source: str):
+    def __init__(self, opset: int, weights: net_walk.Weights, shapes: dict[str, Shape | None], source: str):
         import onnx  # lazy: only export-onnx needs it
 
         self.onnx = onnx
         self.helper, self.numpy_helper, self.T = onnx.helper, onnx.numpy_helper, onnx.TensorProto
         self.opset, self.weights, self.shapes, self.source = opset, weights, shapes, source
-        self.weights_source = weights_source
         self.nodes, self.initializers, self.inputs, self.used = [], [], [], set()
         self.current: dict[str, str] = {}   # Caffe blob -> ONNX value holding it now
         self.compressed: dict[str, str] = {}
@@ -93,30 +90,15 @@ class _Graph:
 
     def blob(self, layer, index: int, shape: Shape | None = None) -> np.ndarray:
         """Dense float32 blob `index` of the layer's weights (reshaped to `shape` if given)."""
-        stored = self.weights.get(layer.name)
-        if stored is None:
-            raise ClipqError(f"{self.weights_source}: no weights for layer '{layer.name}' ({layer.type}) of "
-                             f"{self.source}")
-        if index >= len(stored.blobs):
-            raise ClipqError(f"{self.weights_source}: layer '{layer.name}' has {len(stored.blobs)} blob(s); "
-                             f"{self.source} needs blob {index} too ({layer.type})")
-        array = np.asarray(stored.blobs[index], np.float32)
-        return array if shape is None else self._fit(layer, index, array, shape)
-
-    def _fit(self, layer, index: int, array: np.ndarray, shape: Shape) -> np.ndarray:
-        if array.size != math.prod(shape):
-            raise ClipqError(f"{self.weights_source}: layer '{layer.name}' ({layer.type}) blob {index} has shape "
-                             f"{'x'.join(map(str, array.shape))}; {self.source} expects {'x'.join(map(str, shape))}")
-        return array.reshape(shape)  # e.g. a legacy 4-D (1, 1, N, K) InnerProduct blob
+        return self.weights.blob(layer, index, shape)
 
     def weight(self, layer, shape: Shape) -> str:
         """The value of the layer's weights (blob 0) of `shape`: codes -> Cast -> Gather for a compressed
         layer, else a float32 initializer."""
-        stored = self.weights.get(layer.name)
-        if stored is None or not stored.compressed:
+        stored = self.weights.codes(layer, shape)
+        if stored is None:
             return self.constant(self.blob(layer, 0, shape), f"{layer.name}/weights")
-        codes = self._fit(layer, 0, np.asarray(stored.codes, np.uint8), shape)
-        codebook = np.concatenate([np.zeros(1, np.float32), np.asarray(stored.codebook, np.float32)])
+        codes, codebook = stored.codes, stored.table
         name = self.name(f"{layer.name}/codes")
         if self.opset >= UINT4_OPSET and stored.bits <= 4:
             packed = _pack_uint4(codes.reshape(-1))
@@ -153,13 +135,6 @@ def _pack_uint4(codes: np.ndarray) -> bytes:
 
 # --- one converter per Caffe layer type: (graph, layer, its parameter, input values, output names) ------------
 
-def _spatial(values, count: int, default: int) -> list[int]:
-    values = list(values)
-    if not values:
-        return [default] * count
-    return values * count if len(values) == 1 else values[:count]
-
-
 def _convolution(g: _Graph, layer, param, x: list[str], y: list[str]) -> None:
     if param.axis != 1:
         raise ClipqError(f"{g.source}: layer '{layer.name}' (Convolution): axis {param.axis} is not converted "
@@ -170,10 +145,7 @@ def _convolution(g: _Graph, layer, param, x: list[str], y: list[str]) -> None:
     else:  # after a Reshape: the weights' own shape says it
         w = g.blob(layer, 0)
         n, channels = w.ndim - 2, w.shape[1] * (param.group or 1)
-    kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else _spatial(param.kernel_size, n, 1)
-    pad = [param.pad_h, param.pad_w] if param.HasField("pad_h") else _spatial(param.pad, n, 0)
-    stride = [param.stride_h, param.stride_w] if param.HasField("stride_h") else _spatial(param.stride, n, 1)
-    dilation = _spatial(param.dilation, n, 1)
+    kernel, pad, stride, dilation = net_walk.conv_geometry(param, n)
     group = param.group or 1
     inputs = [x[0], g.weight(layer, (param.num_output, channels // group, *kernel))]
     if param.bias_term:
@@ -217,27 +189,17 @@ def _pooling(g: _Graph, layer, param, x: list[str], y: list[str]) -> None:
     if param.global_pooling:
         g.node(f"Global{op}Pool", x, y[0], layer.name)
         return
-    kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else [param.kernel_size] * 2
-    pad = [param.pad_h, param.pad_w] if param.HasField("pad_h") else [param.pad] * 2
-    stride = [param.stride_h, param.stride_w] if param.HasField("stride_h") else [param.stride] * 2
+    kernel, pad, stride = net_walk.pool_geometry(param)
     floor = getattr(param, "round_mode", None) == getattr(pb2, "FLOOR", -1)
     shape = g.shapes.get(layer.bottom[0])
     if not floor and shape is not None:
         # where Caffe drops a last window starting in the padding, its size is the rounded-down one: say so
-        floor = all(_caffe_pooled(size, k, p, s) == (size + 2 * p - k) // s + 1
+        floor = all(net_walk.caffe_pooled(size, k, p, s) == (size + 2 * p - k) // s + 1
                     for size, k, p, s in zip(shape[2:], kernel, pad, stride))
     attrs = {"kernel_shape": kernel, "pads": pad + pad, "strides": stride, "ceil_mode": 0 if floor else 1}
     if op == "Average":
         attrs["count_include_pad"] = 1
     g.node(f"{op}Pool", x, y[0], layer.name, **attrs)
-
-
-def _caffe_pooled(size: int, k: int, p: int, s: int) -> int:
-    """Caffe's pooled size (PoolingLayer::Reshape): rounded up, less a last window that starts in the padding."""
-    pooled = -(-(size + 2 * p - k) // s) + 1
-    if p and (pooled - 1) * s >= size + p:
-        pooled -= 1
-    return pooled
 
 
 def _relu(g: _Graph, layer, param, x, y) -> None:
@@ -414,81 +376,37 @@ CONVERTERS: dict[str, Callable] = {
 
 # --- the net ------------------------------------------------------------------------------------------------
 
-def _value_names(layers, inputs: list[str]) -> list[list[str]]:
-    """Per layer, the ONNX names of its tops: the plain blob name at a blob's last write (a graph input keeps
-    it), `<blob>/<layer>` before."""
-    last = {}
-    for i, layer in enumerate(layers):
-        for top in layer.top:
-            last[top] = i
-    used = set(inputs)
-    names = []
-    for i, layer in enumerate(layers):
-        row = []
-        for top in layer.top:
-            wanted = top if last[top] == i and top not in used else f"{top}/{layer.name}"
-            name, k = wanted, 1
-            while name in used:
-                k += 1
-                name = f"{wanted}_{k}"
-            used.add(name)
-            row.append(name)
-        names.append(row)
-    return names
-
-
 def convert(net_param, weights: dict[str, Layer], source: str, weights_source: str = "the weights",
             opset: int = DEFAULT_OPSET) -> Exported:
     """The ONNX model of a deploy net (TEST phase) with `weights` (layer name -> Layer: dense blobs, or codes +
     codebook for a compressed layer); `source` and `weights_source` name the files in errors."""
     if opset not in OPSETS:
         raise ClipqError(f"opset {opset} is not supported (use {OPSETS.start}..{OPSETS.stop - 1})")
-    if len(net_param.layers):
-        raise ClipqError(f"{source}: uses Caffe's deprecated V1 'layers' format; upgrade it first "
-                         "(Caffe's tools/upgrade_net_proto_text)")
-    shapes = preflight.blob_shapes(net_param, source, "TEST", read_data=False, labels=False)
-    layers = [layer for layer in net_param.layer if preflight.in_phase(layer, "TEST")]
-    for layer in layers:
-        kind, _ = preflight.wrapped(layer)
-        if kind not in CONVERTERS and kind != "Input":
-            raise ClipqError(f"{source}: layer '{layer.name}' has type {kind}, which export-onnx does not convert")
-    g = _Graph(opset, weights, shapes, source, weights_source)
-    inputs = list(preflight.input_shapes(net_param))
-    for layer in layers:
-        if layer.type == "Input":
-            inputs += [top for top in layer.top if top not in inputs]
-    for name in inputs:
-        shape = shapes.get(name)
-        if not shape:
-            raise ClipqError(f"{source}: input '{name}' has no shape (input_param.shape or input_shape)")
-        g.inputs.append(g.helper.make_tensor_value_info(name, g.T.FLOAT, list(shape)))
+    net = net_walk.walk(net_param, source, CONVERTERS, "export-onnx")
+    shapes = net.shapes
+    g = _Graph(opset, net_walk.Weights(weights, source, weights_source), shapes, source)
+    for name in net.inputs:
+        g.inputs.append(g.helper.make_tensor_value_info(name, g.T.FLOAT, list(shapes[name])))
         g.used.add(name)
         g.current[name] = name
-    names = _value_names([layer for layer in layers if layer.type != "Input"], inputs)
-    g.used.update(name for row in names for name in row)  # no helper value takes a top's name
-    available = list(inputs)
-    for layer, tops in zip((layer for layer in layers if layer.type != "Input"), names):
+    g.used.update(name for row in net.tops for name in row)  # no helper value takes a top's name
+    for layer, tops in zip(net.layers, net.tops):
         kind, param = preflight.wrapped(layer)
         x = [g.current[b] for b in layer.bottom]
         CONVERTERS[kind](g, layer, param, x, tops)
-        for blob in layer.bottom:
-            if blob in available:
-                available.remove(blob)
         for blob, name in zip(layer.top, tops):
             g.current[blob] = name
-            available.append(blob)
-    outputs = [g.current[blob] for blob in available]
     model = g.helper.make_model(
         g.helper.make_graph(g.nodes, net_param.name or "net", g.inputs,
-                            [g.helper.make_tensor_value_info(g.current[blob], g.T.FLOAT,
+                            [g.helper.make_tensor_value_info(name, g.T.FLOAT,
                                                              list(shapes[blob]) if shapes.get(blob) else None)
-                             for blob in available],
+                             for name, blob in zip(net.outputs, net.output_blobs)],
                             initializer=g.initializers),
         opset_imports=[g.helper.make_opsetid("", opset)], producer_name=PRODUCER)
     # the IR version of the opset, not the newest onnx knows: runtimes refuse an IR newer than theirs
     model.ir_version = g.helper.find_min_ir_version_for(list(model.opset_import))
     _declare_inferred_outputs(g.onnx, model)
-    return Exported(model, g.compressed, outputs)
+    return Exported(model, g.compressed, net.outputs)
 
 
 def _declare_inferred_outputs(onnx, model) -> None:

@@ -1,4 +1,4 @@
-"""The commands on Caffe model files: convert, export, encode, decode, export-onnx, size, evaluate."""
+"""The commands on Caffe model files: convert, export, encode, decode, export-onnx, export-ncnn, size, evaluate."""
 
 from __future__ import annotations
 
@@ -148,6 +148,50 @@ def _export_onnx(args) -> int:
     dense = (f"dense float32 ONNX: {written.dense_bytes:,} bytes ({written.dense_bytes / written.bytes:.1f}x)"
              if written.compressed else "every layer dense float32")
     print(f"{args.output}: {written.bytes:,} bytes, opset {args.opset}, outputs {', '.join(written.outputs)}; {dense}")
+    return 0
+
+
+def add_export_ncnn(sub) -> None:
+    """`clipq export-ncnn`: deploy + .clipq (or caffemodel) -> ncnn .param + .bin"""
+    p = sub.add_parser("export-ncnn", help="deploy prototxt + .clipq (or caffemodel) -> ncnn .param + .bin, "
+                                           "compressed layers as ncnn's 256-entry weight tables",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Convert a deploy net and its weights to an ncnn model: PREFIX.param (the\n"
+                                   "layers; Caffe's blob names) and PREFIX.bin (the weights), both or neither.\n"
+                                   "With --clipq, each compressed layer is stored as ncnn's quantized weights: a\n"
+                                   "table of 256 float32 values (0, then its codebook) and one uint8 index per\n"
+                                   "weight, decoded by ncnn at load into the weights `clipq decode` writes, bit\n"
+                                   "for bit. Every other blob is dense float32. A layer type or option ncnn has\n"
+                                   "no counterpart for here is refused by name. Prints the .bin's size against\n"
+                                   "the dense export's (docs/onnx.md).",
+                       epilog="layer types: Input, Convolution (group: ConvolutionDepthWise), InnerProduct "
+                              "(axis 1),\n  Pooling (MAX, AVE, global), ReLU, LRN, Softmax, Concat, Eltwise, "
+                              "BatchNorm,\n  Scale and Bias (channel axis), Dropout, Split, Flatten, Power, "
+                              "Sigmoid, TanH\n\n"
+                              "example:\n  clipq export-ncnn --model prototxt/lenet5/deploy.prototxt "
+                              "--clipq final_model.clipq --output lenet5\n  (writes lenet5.param and lenet5.bin)")
+    p.add_argument("--model", type=Path, required=True, help="deploy prototxt (with its Input layer)")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--clipq", type=Path, help=".clipq file (compressed layers stay 256-entry tables + "
+                                                    "uint8 indices)")
+    weights.add_argument("--weights", type=Path, help="caffemodel (every layer dense float32)")
+    p.add_argument("--output", type=output_file, required=True, metavar="PREFIX",
+                   help="writes PREFIX.param and PREFIX.bin (replaced if they exist)")
+    p.set_defaults(func=_export_ncnn)
+
+
+def _export_ncnn(args) -> int:
+    param, binary = compressed_model.ncnn_paths(args.output)
+    for path in (param, binary):
+        distinct_output(path, model=args.model, clipq=args.clipq, weights=args.weights)
+    written = compressed_model.export_ncnn(args.model, args.output, args.clipq, args.weights)
+    for name, bits in written.compressed.items():
+        print(f"{name:<24} 256-entry table + uint8 indices (b={bits})")
+    dense = (f"dense float32 .bin: {written.dense_bin_bytes:,} bytes "
+             f"({written.dense_bin_bytes / written.bin_bytes:.1f}x)" if written.compressed
+             else "every layer dense float32")
+    print(f"{written.param}: {written.param_bytes:,} bytes; {written.bin}: {written.bin_bytes:,} bytes, outputs "
+          f"{', '.join(written.outputs)}; {dense}")
     return 0
 
 

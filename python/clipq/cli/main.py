@@ -18,7 +18,7 @@ from clipq.util.errors import ClipqError, Interrupted
 COMMANDS = (setup.add_doctor, data.add_data, data.add_init, files.add_convert, compress.add_search,
             compress.add_compress, compress.add_compare, compress.add_summary, compress.add_reproduce,
             train.add_train, files.add_export, files.add_encode, files.add_decode, files.add_export_onnx,
-            files.add_size, zoo.add_zoo, files.add_evaluate)
+            files.add_export_ncnn, files.add_size, zoo.add_zoo, files.add_evaluate)
 
 
 class Parser(argparse.ArgumentParser):

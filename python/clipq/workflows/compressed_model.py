@@ -12,6 +12,9 @@ match them when it loads the caffemodel.
 
 export-onnx: a deploy prototxt + a `.clipq` file (its compressed layers kept as codes + codebook) or a
 caffemodel (dense) -> an `.onnx` file (`caffe.onnx_export`), checked by onnx.checker before it is written.
+
+export-ncnn: the same inputs -> ncnn's `.param` + `.bin` (`caffe.ncnn_export`; compressed layers as ncnn's
+256-entry weight tables + uint8 indices), both files or neither.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipq.caffe import caffe_io, caffemodel, onnx_export, preflight
+from clipq.caffe import caffe_io, caffemodel, ncnn_export, onnx_export, preflight
 from clipq.caffe.convert import check_plan, clipq_configs
 from clipq.plan import LayerPlan
 from clipq.quant import prune_quant
@@ -186,9 +189,9 @@ class OnnxFile:
     outputs: list[str]
 
 
-def export_onnx(model, output, clipq=None, weights=None, opset: int = onnx_export.DEFAULT_OPSET) -> OnnxFile:
-    """`clipq export-onnx`: write the ONNX model of the deploy `model` with the weights of a `.clipq` file
-    (compressed layers as codes + codebook) or of a caffemodel (dense), after onnx.checker's full check."""
+def _export_inputs(model, clipq, weights) -> tuple[object, dict[str, Layer], str]:
+    """The deploy net, its weights by layer name (from a `.clipq` file or a caffemodel) and the weights' file
+    name, for the exporters."""
     if (clipq is None) == (weights is None):
         raise ClipqError("give the weights as a .clipq file or as a caffemodel (one of them)")
     net = preflight.net(model)
@@ -197,7 +200,13 @@ def export_onnx(model, output, clipq=None, weights=None, opset: int = onnx_expor
     else:
         source = str(weights)
         stored = [Layer(w.name, w.type, w.blobs) for w in preflight.caffemodel_layers(weights) if w.blobs]
-    layers = {layer.name: layer for layer in stored}
+    return net, {layer.name: layer for layer in stored}, source
+
+
+def export_onnx(model, output, clipq=None, weights=None, opset: int = onnx_export.DEFAULT_OPSET) -> OnnxFile:
+    """`clipq export-onnx`: write the ONNX model of the deploy `model` with the weights of a `.clipq` file
+    (compressed layers as codes + codebook) or of a caffemodel (dense), after onnx.checker's full check."""
+    net, layers, source = _export_inputs(model, clipq, weights)
     exported = onnx_export.convert(net, layers, str(model), source, opset)
     onnx_export.check(exported.model)
     data = exported.model.SerializeToString()
@@ -208,3 +217,46 @@ def export_onnx(model, output, clipq=None, weights=None, opset: int = onnx_expor
     with atomic_write(output, "wb") as f:
         f.write(data)
     return OnnxFile(Path(output), len(data), dense_bytes, exported.compressed, exported.outputs)
+
+
+@dataclass(frozen=True)
+class NcnnFiles:
+    """What `clipq export-ncnn` wrote: the two files, their sizes, the dense export's .bin size, the layers
+    stored as 256-entry tables (layer -> b)."""
+
+    param: Path
+    bin: Path
+    param_bytes: int
+    bin_bytes: int
+    dense_bin_bytes: int
+    compressed: dict[str, int]
+    outputs: list[str]
+
+
+def ncnn_paths(prefix) -> tuple[Path, Path]:
+    """PREFIX.param and PREFIX.bin."""
+    prefix = Path(prefix)
+    return prefix.with_name(prefix.name + ".param"), prefix.with_name(prefix.name + ".bin")
+
+
+def export_ncnn(model, prefix, clipq=None, weights=None) -> NcnnFiles:
+    """`clipq export-ncnn`: write PREFIX.param and PREFIX.bin, the ncnn model of the deploy `model` with the
+    weights of a `.clipq` file (compressed layers as ncnn's weight tables) or of a caffemodel (dense). Both
+    files are written, or neither (an old pair is then gone)."""
+    net, layers, source = _export_inputs(model, clipq, weights)
+    exported = ncnn_export.convert(net, layers, str(model), source)
+    dense_bin = len(exported.bin)
+    if exported.compressed:  # the same net with every layer dense, for the comparison
+        dense = {name: Layer(layer.name, layer.type, layer.blobs) for name, layer in layers.items()}
+        dense_bin = len(ncnn_export.convert(net, dense, str(model), source).bin)
+    param, binary = ncnn_paths(prefix)
+    try:
+        with atomic_write(binary, "wb") as f:
+            f.write(exported.bin)
+        with atomic_write(param, "w") as f:
+            f.write(exported.param)
+    except BaseException:
+        binary.unlink(missing_ok=True)  # the .param failed: no .bin without it
+        raise
+    return NcnnFiles(param, binary, len(exported.param.encode()), len(exported.bin), dense_bin,
+                     exported.compressed, exported.outputs)
