@@ -174,7 +174,7 @@ CASES = [  # (id, command line, what the message must name, run in a subprocess)
      "empty.caffemodel: not a caffemodel", False),
     ("data-out-exists", "data {a}/digits.csv --out {a}/data28", "data28: already exists", False),
     ("data-ragged-csv", "data {a}/ragged.csv --out {o}/d", "ragged.csv:2: 2 pixels, but the first row has 4", False),
-    ("data-ragged-photos", "data {a}/photos_ragged --out {o}/d --no-progress", "b/1.png: image is 1x8x9", False),
+    ("data-ragged-photos", "data {a}/photos_ragged --out {o}/d --val 0 --test 0 --no-progress", "b/1.png: image is 1x8x9", False),
     ("data-npy-without-labels", "data {a}/images.npy --out {o}/d", "give their labels with --labels", False),
     ("data-csv-not-square", "data {a}/digits.csv --out {o}/d --shape 1,3,5", "do not make --shape 1x3x5", False),
     ("data-bad-shape", "data {a}/digits.csv --out {o}/d --shape 2,4,4", "argument --shape", False),
