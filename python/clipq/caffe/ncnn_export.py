@@ -138,7 +138,7 @@ def _convolution(n: _Net, layer, param, x, y) -> None:
     shape = n.shape(layer, layer.bottom[0])
     if param.axis != 1 or len(shape) != 4:
         raise n.refuse(layer, f"a {len(shape) - 2}-D convolution or axis {param.axis}")
-    kernel, pad, stride, dilation = net_walk.conv_geometry(param, 2)
+    kernel, pad, stride, dilation = preflight.conv_geometry(param, 2)
     group = param.group or 1
     w_shape = (param.num_output, shape[1] // group, *kernel)
     params = {0: param.num_output, 1: kernel[1], 11: kernel[0], 2: dilation[1], 12: dilation[0], 3: stride[1],
@@ -185,9 +185,9 @@ def _pooling(n: _Net, layer, param, x, y) -> None:
     shape = n.shape(layer, layer.bottom[0])
     if len(shape) != 4:
         raise n.refuse(layer, f"a pooling of a {len(shape)}-D blob")
-    kernel, pad, stride = net_walk.pool_geometry(param)
+    kernel, pad, stride = preflight.pool_geometry(param)
     # the bottom / right pad that gives Caffe's output size with ncnn's rounded-down (valid) windows
-    extra = [max(0, (net_walk.caffe_pooled(size, k, p, s) - 1) * s + k - (size + 2 * p))
+    extra = [max(0, (preflight.pooled_size(size, k, p, s) - 1) * s + k - (size + 2 * p))
              for size, k, p, s in zip(shape[2:], kernel, pad, stride)]
     bottom = x[0]
     include_pad = 0

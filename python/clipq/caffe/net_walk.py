@@ -1,5 +1,5 @@
 """What the exporters (`onnx_export`, `ncnn_export`) share: the walk over a deploy net, its value names, its
-weights and Caffe's geometry of a convolution or a pooling.
+weights (Caffe's geometry of a convolution or a pooling is preflight's, which infers the shapes).
 
 - `walk`: the layers of the deploy net in TEST phase, each with the names of its tops, the graph's inputs and
   the blob shapes preflight infers; a layer type the exporter does not know is refused by name.
@@ -139,37 +139,3 @@ class Weights:
         table = np.concatenate([np.zeros(1, np.float32), np.asarray(stored.codebook, np.float32)])
         return Codes(codes, table, stored.bits)
 
-
-# --- Caffe's geometry -------------------------------------------------------------------------------------
-
-def spatial(values, count: int, default: int) -> list[int]:
-    """A repeated Caffe field (kernel_size, pad, ...) as one value per spatial axis."""
-    values = list(values)
-    if not values:
-        return [default] * count
-    return values * count if len(values) == 1 else values[:count]
-
-
-def conv_geometry(param, n: int) -> tuple[list[int], list[int], list[int], list[int]]:
-    """Kernel, pad, stride and dilation of a ConvolutionParameter over `n` spatial axes (the _h / _w fields
-    win)."""
-    kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else spatial(param.kernel_size, n, 1)
-    pad = [param.pad_h, param.pad_w] if param.HasField("pad_h") else spatial(param.pad, n, 0)
-    stride = [param.stride_h, param.stride_w] if param.HasField("stride_h") else spatial(param.stride, n, 1)
-    return kernel, pad, stride, spatial(param.dilation, n, 1)
-
-
-def pool_geometry(param) -> tuple[list[int], list[int], list[int]]:
-    """Kernel, pad and stride (height, width) of a PoolingParameter."""
-    kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else [param.kernel_size] * 2
-    pad = [param.pad_h, param.pad_w] if param.HasField("pad_h") else [param.pad] * 2
-    stride = [param.stride_h, param.stride_w] if param.HasField("stride_h") else [param.stride] * 2
-    return kernel, pad, stride
-
-
-def caffe_pooled(size: int, k: int, p: int, s: int) -> int:
-    """Caffe's pooled size (PoolingLayer::Reshape): rounded up, less a last window that starts in the padding."""
-    pooled = -(-(size + 2 * p - k) // s) + 1
-    if p and (pooled - 1) * s >= size + p:
-        pooled -= 1
-    return pooled

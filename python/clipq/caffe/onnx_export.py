@@ -145,7 +145,7 @@ def _convolution(g: _Graph, layer, param, x: list[str], y: list[str]) -> None:
     else:  # after a Reshape: the weights' own shape says it
         w = g.blob(layer, 0)
         n, channels = w.ndim - 2, w.shape[1] * (param.group or 1)
-    kernel, pad, stride, dilation = net_walk.conv_geometry(param, n)
+    kernel, pad, stride, dilation = preflight.conv_geometry(param, n)
     group = param.group or 1
     inputs = [x[0], g.weight(layer, (param.num_output, channels // group, *kernel))]
     if param.bias_term:
@@ -189,12 +189,12 @@ def _pooling(g: _Graph, layer, param, x: list[str], y: list[str]) -> None:
     if param.global_pooling:
         g.node(f"Global{op}Pool", x, y[0], layer.name)
         return
-    kernel, pad, stride = net_walk.pool_geometry(param)
+    kernel, pad, stride = preflight.pool_geometry(param)
     floor = getattr(param, "round_mode", None) == getattr(pb2, "FLOOR", -1)
     shape = g.shapes.get(layer.bottom[0])
     if not floor and shape is not None:
         # where Caffe drops a last window starting in the padding, its size is the rounded-down one: say so
-        floor = all(net_walk.caffe_pooled(size, k, p, s) == (size + 2 * p - k) // s + 1
+        floor = all(preflight.pooled_size(size, k, p, s) == (size + 2 * p - k) // s + 1
                     for size, k, p, s in zip(shape[2:], kernel, pad, stride))
     attrs = {"kernel_shape": kernel, "pads": pad + pad, "strides": stride, "ceil_mode": 0 if floor else 1}
     if op == "Average":

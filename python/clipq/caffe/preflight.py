@@ -263,24 +263,46 @@ def wrapped(layer):
     return layer.type, None
 
 
-def _spatial(values, count: int, default: int) -> list[int]:
+def spatial(values, count: int, default: int) -> list[int]:
+    """A repeated Caffe field (kernel_size, pad, ...) as one value per spatial axis."""
     values = list(values)
     if not values:
         return [default] * count
     return values * count if len(values) == 1 else values[:count]
 
 
+def conv_geometry(param, n: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Kernel, pad, stride and dilation of a ConvolutionParameter over `n` spatial axes (the _h / _w fields
+    win, asked with HasField as Caffe does: the rc3 fallback's proto gives stride_h a default of 1)."""
+    kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else spatial(param.kernel_size, n, 1)
+    pad = [param.pad_h, param.pad_w] if param.HasField("pad_h") else spatial(param.pad, n, 0)
+    stride = [param.stride_h, param.stride_w] if param.HasField("stride_h") else spatial(param.stride, n, 1)
+    return kernel, pad, stride, spatial(param.dilation, n, 1)
+
+
+def pool_geometry(param) -> tuple[list[int], list[int], list[int]]:
+    """Kernel, pad and stride (height, width) of a PoolingParameter."""
+    kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else [param.kernel_size] * 2
+    pad = [param.pad_h, param.pad_w] if param.HasField("pad_h") else [param.pad] * 2
+    stride = [param.stride_h, param.stride_w] if param.HasField("stride_h") else [param.stride] * 2
+    return kernel, pad, stride
+
+
+def pooled_size(size: int, k: int, p: int, s: int, floor: bool = False) -> int:
+    """Caffe's pooled size (PoolingLayer::Reshape): rounded up (or down, round_mode FLOOR), less a last window
+    that would start in the padding."""
+    pooled = (size + 2 * p - k) // s + 1 if floor else -(-(size + 2 * p - k) // s) + 1
+    if p and (pooled - 1) * s >= size + p:
+        pooled -= 1
+    return pooled
+
+
 def _conv_output(shape: Shape, param) -> Shape:
     axis = param.axis % len(shape)
-    spatial = shape[axis + 1:]
-    n = len(spatial)
-    # has_*_h as Caffe asks it: the rc3 fallback's proto gives stride_h a default of 1
-    kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else _spatial(param.kernel_size, n, 1)
-    pad = [param.pad_h, param.pad_w] if param.HasField("pad_h") else _spatial(param.pad, n, 0)
-    stride = [param.stride_h, param.stride_w] if param.HasField("stride_h") else _spatial(param.stride, n, 1)
-    dilation = _spatial(param.dilation, n, 1)
+    sizes = shape[axis + 1:]
+    kernel, pad, stride, dilation = conv_geometry(param, len(sizes))
     out = []
-    for size, k, p, s, d in zip(spatial, kernel, pad, stride, dilation):
+    for size, k, p, s, d in zip(sizes, kernel, pad, stride, dilation):
         span = size + 2 * p - (d * (k - 1) + 1)
         out.append(span // s + 1 if span >= 0 else 0)
     return shape[:axis] + (param.num_output,) + tuple(out)
@@ -291,18 +313,9 @@ def _pool_output(shape: Shape, param) -> Shape:
         return shape
     if param.global_pooling:
         return shape[:2] + (1, 1)
-    kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else [param.kernel_size] * 2
-    pad = [param.pad_h, param.pad_w] if param.HasField("pad_h") else [param.pad] * 2
-    stride = [param.stride_h, param.stride_w] if param.HasField("stride_h") else [param.stride] * 2
     # BVLC master has round_mode (CEIL by default); the rc3 fallback build has no such field and always rounds up
     floor = getattr(param, "round_mode", None) == getattr(caffe_io.caffe_pb2().PoolingParameter, "FLOOR", -1)
-    out = []
-    for size, k, p, s in zip(shape[2:], kernel, pad, stride):
-        pooled = int((math.floor if floor else math.ceil)((size + 2 * p - k) / s)) + 1
-        if p and (pooled - 1) * s >= size + p:  # the last window must start inside the image (Caffe's rule)
-            pooled -= 1
-        out.append(pooled)
-    return shape[:2] + tuple(out)
+    return shape[:2] + tuple(pooled_size(size, k, p, s, floor) for size, k, p, s in zip(shape[2:], *pool_geometry(param)))
 
 
 def param_shapes(net_param, shapes: dict[str, Shape | None], phase: str = "TEST") -> dict[str, list[Shape] | None]:
@@ -324,7 +337,7 @@ def _weight_shapes(kind: str, param, bottom: Shape) -> list[Shape]:
     axis = param.axis % len(bottom)
     if kind == "Convolution":
         n = len(bottom) - axis - 1
-        kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else _spatial(param.kernel_size, n, 1)
+        kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else spatial(param.kernel_size, n, 1)
         weights = (param.num_output, bottom[axis] // (param.group or 1), *kernel)
     else:
         inputs = math.prod(bottom[axis:])
