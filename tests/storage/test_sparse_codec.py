@@ -193,6 +193,19 @@ def test_a_shared_entry_must_name_an_earlier_layer_of_its_shape():
         sparse_codec.decode(with_header(data, header_of(data) | {"version": 2}, version=2), "m.clipq")
 
 
+def test_only_the_levels_the_codes_use_are_stored():
+    layer = quantized(bits=8)  # 64 x 300 weights at p 0.9: ~1,900 kept, far fewer levels than 255 in use
+    in_use = np.unique(layer.codes[layer.codes > 0])
+    data = sparse_codec.encode([layer])
+    entry = header_of(data)["layers"][0]
+    assert (entry["levels"], entry["stream_bytes"][2]) == (in_use.size, 4 * in_use.size)
+    assert header_of(data)["version"] == 3
+    _, (decoded,) = sparse_codec.decode(data)
+    assert np.array_equal(decoded.blobs[0], layer.blobs[0])
+    again = sparse_codec.encode([decoded])  # a decoded layer (codes renumbered) stores the same levels
+    assert header_of(again)["layers"][0]["levels"] == in_use.size and len(again) == len(data)
+
+
 def test_encode_refuses_a_layer_the_reader_would_refuse():
     layer = raw()
     layer.type = "Normalize"

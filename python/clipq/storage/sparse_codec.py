@@ -9,11 +9,14 @@ quantization level". Per compressed layer, with the weights flattened in Caffe's
   stored zero), as in Deep Compression. k (1..24) is chosen per layer to minimise the layer's size.
 - *code stream*: one b-bit code per entry: 0 for a filler, j in 1..2^b - 1 for codebook[j - 1]. So b
   bits name the 2^b - 1 levels plus zero, exactly the paper's bit budget.
-- *codebook*: 2^b - 1 float32 levels; then the layer's other blobs (bias) as float32.
+- *codebook*: the float32 levels the codes use (2^b - 1 when all are used; with fewer, the codes are
+  renumbered 1..L over the L levels in use and the entry says `levels`: L, so that a method that stores few
+  distinct weights at 8 bits pays for those, not for 255); then the layer's other blobs (bias) as float32.
 Layers that are not compressed (BatchNorm, Scale, aux branches, ...) are stored as raw float32 blobs.
 A layer whose weights equal an earlier layer's (Caffe's shared weights, `param { name: ... }`: the caffemodel
 holds one copy per layer) stores them once: its entry is `shared` with the earlier layer's name (`of`), and
-its payload holds only its other blobs (format version 3; files without such a layer are still version 2).
+its payload holds only its other blobs. Format version 3 has `shared` entries and `levels`; a file that needs
+neither is written as version 2, which older clipq reads.
 Optionally (`huffman=True`) both streams are Huffman-coded (Table 4's bracketed sizes).
 
 File: magic (8 bytes) | format version (u32 LE) | header length (u32) | header CRC32 (u32) | header
@@ -46,8 +49,13 @@ from clipq.storage import huffman
 from clipq.util.errors import ClipqError
 
 MAGIC = b"\x89CLIPQ\r\n"
-FORMAT_VERSION = 3       # 3: shared layers; 2: a layer's CRC32 covers its header entry too; 1: its payload only
-SHARED_VERSION = 3       # the first version with `shared` entries (a file without one is written as version 2)
+FORMAT_VERSION = 3       # 3: shared layers, used levels; 2: a layer's CRC32 covers its header entry; 1: payload only
+SHARED_VERSION = 3       # the first version with `shared` entries and `levels` (a file with neither: version 2)
+HEADER_FIELDS = {"format", "version", "huffman", "meta", "layers"}
+ENTRY_FIELDS = {"raw": {"name", "type", "shapes", "encoding", "offset", "length", "crc32"}}
+ENTRY_FIELDS["shared"] = ENTRY_FIELDS["raw"] | {"of"}
+ENTRY_FIELDS["sparse"] = ENTRY_FIELDS["raw"] | {"bits", "p", "k", "entries", "nonzero", "index", "codes",
+                                                "stream_bytes", "levels"}
 FIXED_BYTES = len(MAGIC) + 12
 MAX_INDEX_BITS = 24
 MAX_BITS = 8
@@ -182,15 +190,30 @@ def encode_layer(layer: Layer, use_huffman: bool = False) -> tuple[dict, bytes]:
     if not layer.compressed:
         entry["encoding"] = "raw"
         return entry, _float_bytes(layer.blobs)
-    k, index, code_entries = sparse_streams(layer.codes.reshape(-1), layer.bits)
+    codes, levels = used_levels(layer.codes.reshape(-1), np.asarray(layer.codebook, np.float32), layer.bits)
+    k, index, code_entries = sparse_streams(codes, layer.bits)
     index_bytes, index_meta = _stream_bytes(index, k, use_huffman)
     code_bytes, code_meta = _stream_bytes(code_entries, layer.bits, use_huffman)
-    codebook = np.ascontiguousarray(layer.codebook, "<f4").tobytes()
+    codebook = np.ascontiguousarray(levels, "<f4").tobytes()
     others = _float_bytes(layer.blobs[1:])
     entry.update(encoding="sparse", bits=layer.bits, p=layer.p, k=k, entries=int(index.size),
-                 nonzero=int(np.count_nonzero(layer.codes)), index=index_meta, codes=code_meta,
+                 nonzero=int(np.count_nonzero(codes)), index=index_meta, codes=code_meta,
                  stream_bytes=[len(index_bytes), len(code_bytes), len(codebook), len(others)])
+    if levels.size < (1 << layer.bits) - 1:
+        entry["levels"] = int(levels.size)
     return entry, index_bytes + code_bytes + codebook + others
+
+
+def used_levels(codes: np.ndarray, codebook: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, levels): the codebook's levels that some code uses, in order, and the codes renumbered 1..L
+    over them (0 stays a zero); the inputs themselves when every level is used."""
+    full = (1 << bits) - 1
+    used = np.flatnonzero(np.bincount(codes, minlength=full + 1)[1:]) + 1
+    if used.size == full:
+        return codes, codebook[:full]
+    renumber = np.zeros(full + 1, np.uint8)
+    renumber[used] = np.arange(1, used.size + 1)
+    return renumber[codes], codebook[used - 1]
 
 
 def encode_shared(layer: Layer, owner: str) -> tuple[dict, bytes]:
@@ -235,6 +258,8 @@ def decode_layer(entry: dict, payload: bytes, owner: Layer | None = None) -> Lay
     if code_entries.size and code_entries.max() >= 1 << bits:
         raise ValueError(f"code {code_entries.max()} does not fit {bits} bits")
     codebook = np.frombuffer(codebook_bytes, "<f4").astype(np.float32)
+    if code_entries.size and code_entries.max() > codebook.size:
+        raise ValueError(f"code {code_entries.max()} names no level of the {codebook.size} stored")
     lut = np.concatenate([np.zeros(1, np.float32), codebook, np.zeros((1 << bits) - 1 - codebook.size, np.float32)])
     size = int(np.prod(shapes[0], dtype=np.int64))
     weights, codes, status = kernels.scatter_entries(index, code_entries, lut, size)
@@ -320,9 +345,14 @@ def _check_stream(entry: dict, key: str, width: int, huffman_file: bool, stream_
         raise ClipqError(f"{where}: the {key} stream has {_bytes(stream_bytes)}; {entries} entries take {need}")
 
 
-def _check_sparse(entry: dict, counts: list[int], huffman_file: bool, where: str) -> None:
+def _check_sparse(entry: dict, counts: list[int], huffman_file: bool, where: str, version: int) -> None:
     """A compressed layer's fields: ranges, and stream lengths that fit its entries, codebook and blobs."""
     bits = _int_field(entry, "bits", 1, MAX_BITS, where)
+    levels = (1 << bits) - 1
+    if "levels" in entry:
+        if version < SHARED_VERSION:
+            raise ClipqError(f"{where}: field 'levels' is not part of format version {version}")
+        levels = _int_field(entry, "levels", 0, (1 << bits) - 2, where)
     k = _int_field(entry, "k", 1, MAX_INDEX_BITS, where)
     if "p" not in entry:
         raise ClipqError(f"{where}: field 'p' is missing")
@@ -338,8 +368,8 @@ def _check_sparse(entry: dict, counts: list[int], huffman_file: bool, where: str
         raise ClipqError(f"{where}: field 'stream_bytes' sums to {sum(lengths)}, field 'length' is {entry['length']}")
     _check_stream(entry, "index", k, huffman_file, lengths[0], where)
     _check_stream(entry, "codes", bits, huffman_file, lengths[1], where)
-    if lengths[2] != 4 * ((1 << bits) - 1):
-        raise ClipqError(f"{where}: the codebook has {lengths[2]} bytes, not {(1 << bits) - 1} float32 levels")
+    if lengths[2] != 4 * levels:
+        raise ClipqError(f"{where}: the codebook has {lengths[2]} bytes, not {levels} float32 levels")
     if lengths[3] != 4 * sum(counts[1:]):
         raise ClipqError(f"{where}: the other blobs have {lengths[3]} bytes; shapes {entry['shapes'][1:]} "
                          f"take {4 * sum(counts[1:])}")
@@ -362,8 +392,11 @@ def _check_entry(entry, number: int, huffman_file: bool, source: str, version: i
         _int_field(entry, key, 0, sys.maxsize, where)
     _int_field(entry, "crc32", 0, 0xFFFFFFFF, where)
     encoding = _field(entry, "encoding", str, where)
+    unknown = sorted(set(entry) - ENTRY_FIELDS.get(encoding, set(entry)))
+    if unknown:
+        raise ClipqError(f"{where}: field '{unknown[0]}' is not one of a {encoding} layer's")
     if encoding == "sparse":
-        _check_sparse(entry, counts, huffman_file, where)
+        _check_sparse(entry, counts, huffman_file, where, version)
     elif encoding == "shared" and version >= SHARED_VERSION:
         _field(entry, "of", str, where)
         if entry["length"] != 4 * sum(counts[1:]):
@@ -389,6 +422,9 @@ def check_header(header, version: int, payload_bytes: int, source: str = "file")
         raise ClipqError(f"{where}: field 'format' is {reprlib.repr(header['format'])}, not 'clipq'")
     if _field(header, "version", int, where) != version:
         raise ClipqError(f"{where}: field 'version' is {header['version']}, the file's fixed part says {version}")
+    unknown = sorted(set(header) - HEADER_FIELDS)
+    if unknown:
+        raise ClipqError(f"{where}: field '{unknown[0]}' is not a header field ({', '.join(sorted(HEADER_FIELDS))})")
     huffman_file = _field(header, "huffman", bool, where)
     meta = _field(header, "meta", dict, where)
     if not all(isinstance(value, (str, int, float, bool, type(None))) for value in meta.values()):
@@ -452,7 +488,7 @@ def encode(layers: list[Layer], meta: dict | None = None, use_huffman: bool = Fa
         payloads.append(payload)
         offset += len(payload)
     # version 2 unless a layer is shared, so that a clipq that predates shared layers reads every other file
-    version = SHARED_VERSION if any(e["encoding"] == "shared" for e in entries) else 2
+    version = SHARED_VERSION if any(e["encoding"] == "shared" or "levels" in e for e in entries) else 2
     header = {"format": "clipq", "version": version, "huffman": use_huffman, "meta": meta or {},
               "layers": entries}
     check_header(header, version, offset, "cannot write a .clipq")  # what is written can be read
