@@ -122,6 +122,10 @@ demo: compress          ## install, data, baselines, then the CLIP-Q pipeline wi
 	@for net in $(NETS); do \
 	    $(call report,$$net,prototxt/$$net/train_val.prototxt,$(MODELS)/$${net}_fashion_mnist_55k.caffemodel) || exit 1; \
 	done
+	@echo "Compressed models, test top-1 of the ONNX file in onnxruntime next to the decoded caffemodel's in Caffe:"
+	@for net in $(COMPRESS_NETS); do \
+	    echo "  $$net: $$(grep -h -e '^- ONNX' -e '^- \*\*no ONNX' cache/compress/$$net/report.md | cut -c3- | tr -d '*`')"; \
+	done
 	@for net in $(COMPRESS_NETS); do echo "CLIP-Q report: $$(readlink -f cache/compress/$$net/report.md)"; done
 
 # report NAME,TRAIN_VAL,WEIGHTS: one line with the test accuracy and where the model is

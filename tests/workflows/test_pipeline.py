@@ -218,3 +218,57 @@ def test_fine_tuning_aids_distil_from_the_baseline_ramp_p_and_count_epochs(tmp_p
 def test_max_iter_and_epochs_together_are_refused(tmp_path, mlp):
     with pytest.raises(ClipqError, match="--max-iter or --finetune-epochs"):
         pipeline.run(config(mlp, tmp_path / "o", max_iter=5, aids=pipeline.Aids(epochs=1.0)), **QUIET)
+
+
+def onnx_and_caffe_right(onnx_file: Path, train_val: Path, weights: Path) -> tuple[int, int, int]:
+    """(images, right in onnxruntime, right in Caffe): onnxruntime fed the very images Caffe's own Data layer
+    gives the net, batch by batch, and both argmaxes checked against its labels."""
+    import onnxruntime as ort
+
+    net_param = caffe_io.read_net_param(train_val)
+    scores, labels = caffe_io.top1_blobs(net_param, str(train_val))
+    data = caffe_io.test_data_layer(net_param, str(train_val))
+    entries = caffe_io.lmdb_entries(data.data_param.source)
+    cf = caffe_io.caffe()
+    cf.set_mode_cpu()
+    net = cf.Net(str(train_val), str(weights), cf.TEST)
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    onnx_right = caffe_right = 0
+    for _ in range(entries // data.data_param.batch_size):  # the fixture's 1,000 test images: 10 whole batches
+        net.forward()
+        truth = net.blobs[labels].data.astype(int)
+        ours = session.run([scores], {data.top[0]: net.blobs[data.top[0]].data})[0]
+        onnx_right += int(np.sum(ours.argmax(axis=1) == truth))
+        caffe_right += int(np.sum(net.blobs[scores].data.argmax(axis=1) == truth))
+    return entries, onnx_right, caffe_right
+
+
+def test_the_final_model_is_written_as_onnx_scoring_caffes_test_top1_in_onnxruntime(tmp_path, mlp):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("layers: {ip1: {p: 0.8, b: 3}, ip2: {p: 0.5, b: 4}, ip3: {p: 0.3, b: 5}}\n")
+    out = tmp_path / "out"
+    report = pipeline.run(config(mlp, out, plan=plan, max_iter=5, onnx=False), **QUIET)
+    assert report["onnx"] is None and not list(out.glob("*.onnx"))
+    assert "- ONNX: not written (--no-onnx)" in (out / "report.md").read_text()
+
+    # the same directory with the ONNX stage, as a run made before it existed resumes: only that stage runs
+    messages = []
+    report = pipeline.run(config(mlp, out, plan=plan, max_iter=5), log=messages.append)
+    assert [m for m in messages if m.endswith("...")] == ["[onnx] ..."]
+    onnx = report["onnx"]
+    assert onnx["file"] == str(out / "model.onnx") and onnx["bytes"] == (out / "model.onnx").stat().st_size
+    assert onnx["compressed"] == {"ip1": "UINT8", "ip2": "UINT8", "ip3": "UINT8"}
+    assert onnx["bytes"] < onnx["dense_bytes"] / 3
+    top1 = onnx["top1"]
+    assert top1["images"] == 1000 and top1["equal"] and top1["differing_images"] == 0
+    assert top1["onnx"] == top1["caffe"] == pytest.approx(report["accuracy"]["decoded"], abs=1e-6)
+    # not through clipq's own reading of the LMDB: the images Caffe's Data layer makes, into onnxruntime
+    images, onnx_right, caffe_right = onnx_and_caffe_right(out / "model.onnx", out / "plain_train_val.prototxt",
+                                                           out / "decoded.caffemodel")
+    assert images == 1000 and onnx_right == caffe_right == top1["onnx_correct"]
+    line = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("- ONNX"))
+    assert f"`model.onnx` {onnx['bytes']:,} bytes" in line and f"**{top1['caffe']:.4f}** (equal;" in line
+
+    messages = []
+    pipeline.run(config(mlp, out, plan=plan, max_iter=5), log=messages.append)
+    assert messages and all(m.endswith("up to date, skipped") for m in messages)

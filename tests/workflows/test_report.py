@@ -23,3 +23,13 @@ def test_synthetic_data_is_said_next_to_the_drop():
 
 def test_real_data_has_no_synthetic_note():
     assert "SYNTHETIC" not in report.report_markdown(minimal_report(synthetic=False))
+
+
+def test_an_onnx_top1_unlike_caffes_is_said_loudly():
+    onnx = {"file": "/out/final_model.onnx", "bytes": 1000, "dense_bytes": 4000, "opset": 13,
+            "compressed": {"a": "UINT8"},
+            "top1": {"images": 100, "onnx": 0.5, "caffe": 0.51, "onnx_correct": 50, "caffe_correct": 51,
+                     "differing_images": 1, "equal": False}}
+    line = next(line for line in report.report_markdown(minimal_report(False) | {"onnx": onnx}).splitlines()
+                if "ONNX" in line)
+    assert "`final_model.onnx` 1,000 bytes" in line and "**ONNX TOP-1 DIFFERS FROM CAFFE'S**" in line

@@ -76,6 +76,24 @@ def test_report_has_the_layer_table_and_is_written(mild):
                                 "train_val": False}
 
 
+def test_the_compressed_model_is_written_as_onnx_predicting_as_the_decoded_caffemodel(mild):
+    onnx = mild["onnx"]
+    path = Path(mild["files"]["clipq"]).with_suffix(".onnx")
+    assert onnx["file"] == str(path) and onnx["bytes"] == path.stat().st_size
+    assert onnx["compressed"] == {name: "UINT8" for name in MINI_LAYERS}
+    compared = onnx["comparison"]
+    assert compared["output"] == "prob" and compared["agreeing_decoded"] == compared["compared"] == 64
+    assert compared["agreeing_original"] == mild["comparison"]["agreeing"]
+    assert compared["max_abs_diff_decoded"] < 1e-4
+    assert f"model.onnx {onnx['bytes']:,} bytes" in (path.parent / "zoo_report.md").read_text()
+
+
+def test_no_onnx_writes_no_onnx_file(mini, tmp_path):
+    report = zoo.run(config(mini, tmp_path, p=0.3, bits=8, onnx=False), log=lambda m: None)
+    assert report["onnx"] is None and not list(tmp_path.glob("*.onnx"))
+    assert "ONNX: not written (--no-onnx)" in (tmp_path / "zoo_report.md").read_text()
+
+
 def test_listing_names_exactly_the_convolution_and_inner_product_layers(mini, tmp_path):
     expected = [layer.name for layer in caffe_io.read_net_param(mini["deploy"]).layer
                 if layer.type in ("Convolution", "InnerProduct")]

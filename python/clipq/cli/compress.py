@@ -79,8 +79,9 @@ def add_compress(sub) -> None:
                                    "Bayesian search of (p, b) per layer (or --plan) -> CLIP-Q layers -> fine-tuning "
                                    "with `caffe train` and the given solver (its net and snapshot_prefix are "
                                    "replaced) -> export -> .clipq -> decode -> top-1 of the decoded plain "
-                                   "caffemodel with plain Caffe -> OUT/report.md and report.json (layerwise table, "
-                                   "accuracies, sizes, stage times, search plots, the net drawn by caffe.draw).",
+                                   "caffemodel with plain Caffe -> the same model as ONNX next to the .clipq, its test top-1 in "
+                                   "onnxruntime checked against Caffe's -> OUT/report.md and report.json (layerwise "
+                                   "table, accuracies, sizes, stage times, search plots, the net drawn by caffe.draw).",
                        epilog="With --max-drop POINTS and --val LMDB: the smallest model within POINTS top-1 on "
                               "the validation images. Each round fine-tunes one plan of the search's lambda path "
                               "(warm-started from the smallest round that met the budget so far), decodes it and "
@@ -106,6 +107,9 @@ def add_compress(sub) -> None:
     p.add_argument("--plan", type=Path, help="use this (p, b) plan instead of searching")
     p.add_argument("--max-iter", type=positive_int, help="fine-tuning iterations (default: the solver's max_iter)")
     p.add_argument("--huffman", action="store_true", help="Huffman-code the .clipq streams")
+    p.add_argument("--no-onnx", action="store_true",
+                   help="do not write the final model as ONNX (OUT/final_model.onnx, or model.onnx without "
+                        "--max-drop; docs/onnx.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--mpi", type=positive_int, metavar="N",
                    help="fine-tune in N MPI processes, gradients averaged: N x the solver's batch per iteration "
@@ -121,8 +125,8 @@ def _compress(args) -> int:
                     "compress")
     config = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, args.plan, search_settings(args),
                                      max_iter=args.max_iter, huffman=args.huffman, progress=not args.no_progress,
-                                     mpi=args.mpi or 0, aids=aids(args), **budget_options(args),
-                                     **executor_options(args))
+                                     mpi=args.mpi or 0, aids=aids(args), onnx=not args.no_onnx,
+                                     **budget_options(args), **executor_options(args))
     report = pipeline.run(config, log=lambda msg: print(msg, file=sys.stderr))
     print((args.out / "report.md").read_text())
     return budget_exit(report, args.command)

@@ -45,6 +45,9 @@ comparison (OUT/zoo_report.json and OUT/zoo_report.md):
     and noise often gets one class for every input (the report says so): give real data for that.
   - max / mean absolute difference of that output blob.
   - size: float32 weights (4 bytes per parameter) vs the .clipq file, and the paper-style layer table.
+  - ONNX: the compressed model as ONNX next to the .clipq (model.onnx; --no-onnx: none), compressed
+    layers as uint8 codes + codebook; onnxruntime runs the same inputs and its top-1 is compared with
+    the decoded caffemodel's and the original's (docs/onnx.md).
 
 examples:
   clipq zoo --model deploy.prototxt --weights net.caffemodel --out zoo --list
@@ -97,6 +100,8 @@ def add_zoo(sub) -> None:
     budget_arguments(p)
     finetune_arguments(p)
     p.add_argument("--huffman", action="store_true", help="Huffman-code the .clipq streams")
+    p.add_argument("--no-onnx", action="store_true",
+                   help="do not write the compressed model as ONNX (model.onnx next to model.clipq; docs/onnx.md)")
     p.add_argument("--format", choices=["text", "md", "json"], default="text", help="what to print")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_zoo)
@@ -108,7 +113,8 @@ def zoo_config(args: argparse.Namespace) -> zoo.ZooConfig:
                            "val": "val_lmdb"}, "zoo", optional=("train_val", "solver", "val"))
     compress = CompressConfig(args.model, args.weights, args.solver, args.out, args.plan, search_settings(args),
                               max_iter=args.max_iter, huffman=args.huffman, progress=not args.no_progress,
-                              aids=aids(args), **budget_options(args), **executor_options(args))
+                              aids=aids(args), onnx=not args.no_onnx, **budget_options(args),
+                              **executor_options(args))
     return zoo.ZooConfig(compress, train_val=args.train_val, p=args.p, bits=args.b, search=args.search,
                          inputs=args.inputs, batch=args.batch)
 

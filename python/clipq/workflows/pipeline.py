@@ -1,7 +1,8 @@
 """`clipq compress`: the whole CLIP-Q pipeline on a Caffe model, stage by stage, resumable.
 
 baseline evaluation -> search (p, b) -> convert to CLIP-Q layers -> fine-tune with `caffe train` ->
-export -> encode (.clipq) -> decode -> evaluate the decoded plain caffemodel with plain Caffe -> report.
+export -> encode (.clipq) -> decode -> evaluate the decoded plain caffemodel with plain Caffe -> ONNX (the
+final .clipq as an ONNX file next to it, its top-1 in onnxruntime; `onnx_output`) -> report.
 
 Every stage records in `<out>/stages.json` a hash of its inputs (files and settings) and how long it
 took; a stage whose outputs exist and whose inputs did not change is skipped, so rerunning the command
@@ -39,7 +40,7 @@ from clipq.storage import sparse_codec
 from clipq.util.atomic import atomic_write
 from clipq.util.errors import ClipqError
 from clipq.util.lock import output_directory
-from clipq.workflows import compressed_model
+from clipq.workflows import compressed_model, onnx_output
 from clipq.workflows import report as reporting
 
 SEARCH_ON = ("auto", "val", "train")
@@ -89,6 +90,7 @@ class CompressConfig:
     ray_batch: int | None = None  # points per layer at a time on Ray (None: workers // unfinished layers)
     mpi: int = 0              # fine-tune in this many MPI processes (clipq.data_parallel); 0: one `caffe train`
     aids: Aids = field(default_factory=Aids)  # distillation, gradual pruning, length in epochs
+    onnx: bool = True         # write the final model as ONNX next to its .clipq (--no-onnx: not)
 
     @property
     def search_data(self) -> str:
@@ -533,12 +535,31 @@ def _run_stages(config: CompressConfig, log) -> dict:
     else:
         rounds = budget_rounds(config, nets, baseline, log)
         result = adopt(config, rounds, log)
-    report = reporting.make_report(config, baseline, result, rounds, stages.seconds())
+    onnx = onnx_stage(config, nets, stages, result, log) if config.onnx else None
+    report = reporting.make_report(config, baseline, result, rounds, stages.seconds(), onnx)
     with atomic_write(out / "report.json") as f:
         json.dump(report, f, indent=2)
     with atomic_write(out / "report.md") as f:
         f.write(reporting.report_markdown(report))
     return report
+
+
+def onnx_stage(config: CompressConfig, nets: Nets, stages: Stages, result: dict, log) -> dict:
+    """The final model as ONNX next to its .clipq (`onnx_output.for_train_val`), with its top-1 in onnxruntime
+    against Caffe's; a net the exporter refuses gives no file, and the report says why."""
+    packed, decoded = Path(result["clipq"]), Path(result["decoded"])
+    output = packed.with_suffix(".onnx")
+    inputs = {"clipq": file_id(packed), "model": file_id(nets.test), "decoded": file_id(decoded)}
+    previous = stages.record.get("onnx", {}).get("result") or {}
+    outputs = [] if "refused" in previous else [output]  # a refusal writes no file: it is done all the same
+    info = stages.run("onnx", inputs, outputs, lambda: onnx_output.for_train_val(
+        nets.test, packed, decoded, output, config.out / "plain_deploy.prototxt"), log)
+    if "refused" in info:
+        log(f"[onnx] no ONNX: {info['refused']}")
+    elif info["top1"].get("equal") is False:
+        log(f"[onnx] WARNING: the ONNX model's test top-1 in onnxruntime ({info['top1']['onnx']:.4f}) differs "
+            f"from Caffe's on the decoded caffemodel ({info['top1']['caffe']:.4f})")
+    return info
 
 
 # --- the accuracy budget -------------------------------------------------------------------------

@@ -44,8 +44,9 @@ def aids_text(aids: dict) -> str:
     return ", ".join(parts)
 
 
-def make_report(config, baseline: dict, result: dict, rounds: list[dict] | None, seconds: dict) -> dict:
-    """Everything the run measured, as plain JSON-able data."""
+def make_report(config, baseline: dict, result: dict, rounds: list[dict] | None, seconds: dict,
+                onnx: dict | None = None) -> dict:
+    """Everything the run measured, as plain JSON-able data (`onnx`: the ONNX stage's result; None: --no-onnx)."""
     packed = Path(result["clipq"])
     header, layers = compressed_model.read_file(packed)
     total = size.overall(layers)
@@ -68,6 +69,7 @@ def make_report(config, baseline: dict, result: dict, rounds: list[dict] | None,
         "seconds": seconds | ({f"round {r['round']}": round(sum(r["seconds"].values()), 1) for r in rounds}
                               if rounds else result["seconds"]),
         "budget": None,
+        "onnx": onnx,
     }
     if rounds:
         report["budget"] = {
@@ -137,6 +139,29 @@ def budget_lines(budget: dict) -> list[str]:
             "shown for information; no choice was made on them.", "", *head, *rows, ""]
 
 
+def onnx_line(onnx: dict | None) -> str:
+    """The ONNX file's line of report.md: its name and size, and its test top-1 in onnxruntime next to Caffe's."""
+    if onnx is None:
+        return "- ONNX: not written (--no-onnx)"
+    if "refused" in onnx:
+        return f"- **no ONNX**: {onnx['refused']}"
+    layers = len(onnx["compressed"])
+    line = (f"- ONNX (opset {onnx['opset']}): `{Path(onnx['file']).name}` {onnx['bytes']:,} bytes, {layers} "
+            f"layer{'s' if layers != 1 else ''} as uint8 codes + codebook (dense float32 ONNX "
+            f"{onnx['dense_bytes']:,} bytes); ")
+    top1 = onnx["top1"]
+    if "skipped" in top1:
+        return line + f"test top-1 in onnxruntime **not measured**: {top1['skipped']}"
+    if top1["equal"]:
+        same = ("the same images right" if not top1["differing_images"] else
+                f"{top1['differing_images']} image(s) right in one and wrong in the other")
+        return (line + f"test top-1 on {top1['images']:,} images: onnxruntime **{top1['onnx']:.4f}**, Caffe on the "
+                f"decoded caffemodel **{top1['caffe']:.4f}** (equal; {same})")
+    return (line + f"**ONNX TOP-1 DIFFERS FROM CAFFE'S**: onnxruntime **{top1['onnx']:.4f}** "
+            f"({top1['onnx_correct']:,} of {top1['images']:,} test images), Caffe on the decoded caffemodel "
+            f"**{top1['caffe']:.4f}** ({top1['caffe_correct']:,}); {top1['differing_images']} image(s) differ")
+
+
 def report_markdown(report: dict) -> str:
     acc = report["accuracy"]
     drop = 100 * (acc["baseline"] - acc["decoded"])
@@ -165,6 +190,7 @@ def report_markdown(report: dict) -> str:
         f"- size: float32 weights {size.format_bytes(report['size']['float32_bytes'])} -> "
         f"`{Path(report['clipq']).name}` {report['size']['clipq_file_bytes']:,} bytes "
         f"(**{report['size']['rate']:.1f}x**)",
+        *([onnx_line(report["onnx"])] if "onnx" in report else []),
         "",
         size.render(rows, "md"),
         "",

@@ -15,6 +15,10 @@
    on the same inputs (`--inputs`, or standard-normal random ones): top-1 agreement of the last output
    blob, max / mean absolute output difference, float32 bytes vs `.clipq` bytes, the paper-style table.
    -> OUT/zoo_report.json, OUT/zoo_report.md
+5. ONNX (unless --no-onnx): the deploy with the `.clipq` file's weights as ONNX next to it (`onnx_output`,
+   compressed layers as uint8 codes + codebook); onnxruntime runs the comparison's inputs, its last output
+   compared with the decoded caffemodel's and the original's. A net the exporter refuses gives no file and
+   the report says why. (With --solver the pipeline's own ONNX stage is off: the zoo's deploy is used.)
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from clipq.storage import size
 from clipq.util.atomic import atomic_write
 from clipq.util.errors import ClipqError
 from clipq.util.lock import output_directory
-from clipq.workflows import compressed_model, pipeline
+from clipq.workflows import compressed_model, onnx_output, pipeline
 from clipq.workflows.pipeline import CompressConfig
 
 UPGRADED = "upgraded"  # OUT/upgraded/: Caffe-upgraded copies of the user's files
@@ -279,7 +283,7 @@ def compress_with_solver(config: ZooConfig, deploy: Path, train_val: Path, weigh
     the result is checked against the deploy net (a train_val with other layer names would leave the
     deploy's layers at their filler values without a word from Caffe)."""
     report = pipeline.run(replace(config.compress, model=train_val, weights=weights, out=config.out / "compress",
-                                  plan=plan_path), log=log)
+                                  plan=plan_path, onnx=False), log=log)
     packed = Path(report["clipq"])
     compressed_model.check_against(compressed_model.read_file(packed)[1], deploy, str(packed))
     return packed, Path(report["decoded"]), report
@@ -352,6 +356,12 @@ def compare_outputs(original: np.ndarray, decoded: np.ndarray) -> dict:
 
 def comparison(config: ZooConfig, deploy: Path, weights: Path, decoded: Path, shapes: NetShapes) -> dict:
     """Original vs decoded caffemodel through the deploy net on the same inputs; the last output decides."""
+    return compare_models(config, deploy, weights, decoded, shapes)[0]
+
+
+def compare_models(config: ZooConfig, deploy: Path, weights: Path, decoded: Path,
+                   shapes: NetShapes) -> tuple[dict, tuple[dict, np.ndarray, np.ndarray]]:
+    """(`comparison`'s result, (the inputs, the original's and the decoded's last output))."""
     if config.inputs is not None:
         inputs, described = load_inputs(config.inputs, shapes.inputs), str(config.inputs)
     else:
@@ -361,8 +371,9 @@ def comparison(config: ZooConfig, deploy: Path, weights: Path, decoded: Path, sh
     after = forward(deploy, decoded, inputs, config.batch)
     per_output = {name: compare_outputs(before[name], after[name]) for name in shapes.outputs}
     last = shapes.outputs[-1]
-    return {"inputs": described, "random_inputs": config.inputs is None,
-            "samples": len(next(iter(inputs.values()))), "output": last, **per_output[last], "outputs": per_output}
+    return ({"inputs": described, "random_inputs": config.inputs is None,
+             "samples": len(next(iter(inputs.values()))), "output": last, **per_output[last], "outputs": per_output},
+            (inputs, before[last], after[last]))
 
 
 # --- the whole command --------------------------------------------------------------------------------
@@ -425,8 +436,16 @@ def _compress_and_compare(config: ZooConfig, log) -> dict:
             packed, decoded, finetune = compress_with_solver(config, files["deploy"], files["train_val"],
                                                              files["weights"], plan_path, log)
     log("[compare] original vs decoded caffemodel ...")
-    compared = comparison(config, files["deploy"], files["weights"], decoded, files["shapes"])
-    report = make_report(config, files, plan_path, plan_source, packed, decoded, compared, finetune)
+    compared, (inputs, original, decoded_output) = compare_models(config, files["deploy"], files["weights"], decoded,
+                                                                  files["shapes"])
+    onnx = None
+    if config.compress.onnx:
+        log("[onnx] the compressed model as ONNX, run in onnxruntime on the same inputs ...")
+        onnx = onnx_output.for_deploy(files["deploy"], packed, packed.with_suffix(".onnx"), inputs,
+                                      compared["output"], original, decoded_output)
+        if "refused" in onnx:
+            log(f"[onnx] no ONNX: {onnx['refused']}")
+    report = make_report(config, files, plan_path, plan_source, packed, decoded, compared, finetune, onnx)
     with atomic_write(config.out / "zoo_report.json") as f:
         json.dump(report, f, indent=2)
     with atomic_write(config.out / "zoo_report.md") as f:
@@ -435,7 +454,7 @@ def _compress_and_compare(config: ZooConfig, log) -> dict:
 
 
 def make_report(config: ZooConfig, files: dict, plan_path: Path, plan_source: str, packed: Path, decoded: Path,
-                compared: dict, finetune: dict | None) -> dict:
+                compared: dict, finetune: dict | None, onnx: dict | None = None) -> dict:
     header, layers = compressed_model.read_file(packed)
     total = size.overall(layers)
     clipq_bytes = packed.stat().st_size
@@ -453,6 +472,7 @@ def make_report(config: ZooConfig, files: dict, plan_path: Path, plan_source: st
         "comparison": compared,
         "layers": [asdict(r) | {"rate": r.rate} for r in size.rows(layers) + [total]],
         "files": {"clipq": str(packed), "decoded": str(decoded)},
+        "onnx": onnx,
     }
 
 
@@ -487,7 +507,33 @@ def summary_lines(report: dict) -> list[str]:
     if report["finetune_accuracy"]:
         acc = report["finetune_accuracy"]
         lines.append(f"test top-1: baseline {acc['baseline']:.4f}, decoded {acc['decoded']:.4f}")
+    if "onnx" in report:
+        lines.append(onnx_line(report["onnx"]))
     return lines
+
+
+def onnx_line(onnx: dict | None) -> str:
+    """The ONNX file: its name and size, and its output in onnxruntime against the decoded caffemodel's."""
+    if onnx is None:
+        return "ONNX: not written (--no-onnx)"
+    if "refused" in onnx:
+        return f"no ONNX: {onnx['refused']}"
+    layers = len(onnx["compressed"])
+    line = (f"ONNX (opset {onnx['opset']}): {Path(onnx['file']).name} {onnx['bytes']:,} bytes, {layers} "
+            f"layer{'s' if layers != 1 else ''} as uint8 codes + codebook (dense float32 ONNX "
+            f"{onnx['dense_bytes']:,} bytes); ")
+    c = onnx["comparison"]
+    if "skipped" in c:
+        return line + f"not run: {c['skipped']}"
+    if "compared" not in c:
+        return line + f"onnxruntime's '{c['output']}' differs from the decoded caffemodel's by at most " \
+                      f"{c['max_abs_diff_decoded']:.3g}"
+    same = c["agreeing_decoded"] == c["compared"]
+    return (line + f"onnxruntime's top-1 on the same inputs: agreement with the original "
+            f"{c['top1_agreement_original']:.4f} ({c['agreeing_original']}/{c['compared']}), "
+            + ("the same as the decoded caffemodel's" if same else
+               f"DIFFERS FROM THE DECODED CAFFEMODEL'S on {c['compared'] - c['agreeing_decoded']} of {c['compared']}")
+            + f"; max |difference| from the decoded caffemodel's output {c['max_abs_diff_decoded']:.3g}")
 
 
 def report_markdown(report: dict) -> str:
