@@ -14,8 +14,9 @@ PACKAGE = REPO / "python" / "clipq"
 ARCHITECTURE = REPO / "docs" / "architecture.md"
 # Imported inside a function, and why: loading them costs a second or more, or they are optional, or
 # (numba's kernels) they compile on import; `clipq --help` and the pure-numpy paths do without them.
-# onnx and onnxruntime: only `clipq export-onnx` and its checks need them (importing onnx takes about a second).
-HEAVY = {"caffe", "numba", "matplotlib", "GPyOpt", "scipy", "ray", "mpi4py", "onnx", "onnxruntime"}
+# onnx and onnxruntime: only `clipq export-onnx` and its checks need them (importing onnx takes about a second);
+# ncnn and cv2 (OpenCV): only `clipq doctor`'s runtime checks run the exported models in them.
+HEAVY = {"caffe", "numba", "matplotlib", "GPyOpt", "scipy", "ray", "mpi4py", "onnx", "onnxruntime", "ncnn", "cv2"}
 LAZY_CLIPQ = {"clipq.quant.kernel", "clipq.storage.kernels"}  # numba kernels
 ENTRY = {"clipq.__main__", "clipq.data_parallel"}  # `python -m clipq`, `python -m clipq.data_parallel`
 

@@ -45,3 +45,21 @@ def test_every_benchmark_starts(script):
     done = subprocess.run([sys.executable, str(bench / script), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage" in done.stdout
+
+
+def test_deploy_quick_runs_every_runtime_and_agrees_with_pycaffe():
+    """bench/deploy.py --quick: LeNet-5's files, the onnxruntime folding check, and every runtime in its own
+    process; each one's batch-1 output matches pycaffe's, and pycaffe (the reference) is 1.00x."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "deploy.py"
+    done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout.splitlines()
+    assert out[0].startswith("# machine: ") and "onnxruntime 1.32.0" in out[0] and "ncnn" in out[0]
+    assert any("the cap keeps every compressed layer's Cast + Gather" in line for line in out)
+    assert any(line.startswith(".clipq") for line in out)
+    runtimes = out[next(i for i, line in enumerate(out) if line.startswith("runtime")) + 1:]
+    assert len(runtimes) == 9 and runtimes[0].count("1.00x [1.00..1.00]") == 2
+    assert all(float(line.split()[-1]) < 1e-4 for line in runtimes), runtimes
