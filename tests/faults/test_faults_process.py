@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 from clipq.caffe import caffemodel, train
@@ -371,8 +372,13 @@ def test_a_compress_killed_in_the_search_and_after_the_fine_tuning_resumes_to_th
     assert not any("Traceback" in e for e in errors)
     assert (tmp_path / "plan.yaml").read_bytes() == (compress_reference / "plan.yaml").read_bytes()
     assert search_entries(tmp_path) == search_entries(compress_reference)
-    for name in ("model.clipq", "decoded.caffemodel", "finetuned.caffemodel"):
+    for name in ("model.clipq", "decoded.caffemodel"):
         assert (tmp_path / name).read_bytes() == (compress_reference / name).read_bytes(), name
+    # the fine-tuned caffemodel embeds its net, whose TRAIN source is OUT's shuffled copy of the training LMDB:
+    # its weights, not its bytes, are the same
+    resumed, reference = (caffemodel.read(out / "finetuned.caffemodel") for out in (tmp_path, compress_reference))
+    assert all(a.name == b.name and all(np.array_equal(x, y) for x, y in zip(a.blobs, b.blobs, strict=True))
+               for a, b in zip(resumed, reference, strict=True))
     assert leftovers(tmp_path) == []
 
 
@@ -390,8 +396,10 @@ def test_a_compress_killed_in_the_fine_tuning_resumes_from_caffes_snapshot(tmp_p
     assert "clipq_iter_40.caffemodel" in log.read_text()
     assert (tmp_path / "plan.yaml").read_bytes() == (compress_reference / "plan.yaml").read_bytes()
     report, expected = (json.loads((out / "report.json").read_text()) for out in (tmp_path, compress_reference))
-    assert [(r["layer"], r["p"], r["bits"]) for r in report["layers"]] == \
-        [(r["layer"], r["p"], r["bits"]) for r in expected["layers"]]
+    assert [(r["layer"], r["bits"]) for r in report["layers"]] == [(r["layer"], r["bits"]) for r in expected["layers"]]
+    # the stored p is the share of zeros of the final weights, which differ a little (a weight or two of a
+    # layer can fall on the other side of its threshold); the plan's p is plan.yaml's, equal above
+    assert [r["p"] for r in report["layers"]] == pytest.approx([r["p"] for r in expected["layers"]], abs=1e-4)
     assert report["size"]["clipq_file_bytes"] == pytest.approx(expected["size"]["clipq_file_bytes"], rel=1e-3)
     assert report["accuracy"]["decoded"] == report["accuracy"]["clipq_net"]
     assert leftovers(tmp_path) == []

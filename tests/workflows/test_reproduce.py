@@ -52,7 +52,8 @@ def test_zoo_shaped_weights_load_into_plain_and_clipq_nets(net, tmp_path):
 @pytest.mark.parametrize("net", reproduce.NETS)
 def test_smoke_run_goes_through_every_stage(net, tmp_path):
     report = reproduce.run(net, tmp_path, smoke=True, jobs=2, progress=False, log=lambda m: None)
-    assert set(report["seconds"]) == {"baseline", "search", "convert", "finetune", "encode", "decode", "evaluate"}
+    assert set(report["seconds"]) == {"baseline", "search", "convert", "convert-finetune", "finetune", "encode",
+                                      "decode", "evaluate", "onnx"}
     assert report["accuracy"]["decoded"] == report["accuracy"]["clipq_net"]
     assert report["size"]["rate"] > 1
     assert (tmp_path / "finetune" / "clipq_iter_2.caffemodel").exists()
