@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         train_val = args.out / "plain_train_val.prototxt"
-        decoded = next(p for p in (args.out / "final_decoded.caffemodel", args.out / "decoded.caffemodel") if p.exists())
+        candidates = (args.out / "final_decoded.caffemodel", args.out / "decoded.caffemodel")
+        decoded = next(path for path in candidates if path.exists())
         deploy = deploy_net.from_train_val(caffe_io.read_net_param(train_val), str(train_val))
         report = json.loads((args.out / "report.json").read_text())
     except (ClipqError, OSError, StopIteration) as e:
