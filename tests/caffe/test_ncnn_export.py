@@ -18,21 +18,8 @@ from clipq.caffe import caffe_io, ncnn_export
 from clipq.util.errors import ClipqError
 from clipq.workflows import compressed_model
 from conftest import REPO
-from test_onnx_export import CONV, LENET5, PLAN, POOL, RTOL, dense_layers, input_layer, layer, random_weights
-
-NORM = input_layer("data", 2, 6, 7, 7) + "".join([
-    layer("lrn_across", "LRN", "data", param="lrn_param { local_size: 5 alpha: 0.5 beta: 0.75 k: 2 }"),
-    layer("lrn_within", "LRN", "data", param="lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 "
-          "norm_region: WITHIN_CHANNEL }"),
-    layer("bn", "BatchNorm", "lrn_across", param="batch_norm_param { eps: 0.001 }"),
-    layer("bn_scale", "Scale", "bn", "bn", "scale_param { bias_term: true }"),
-    layer("bn2", "BatchNorm", "lrn_within", "lrn_within"),
-    layer("bn2_scale", "Scale", "lrn_within", "lrn_within"),
-    layer("bn2_bias", "Bias", "lrn_within", "lrn_within"),
-    layer("power", "Power", "bn", param="power_param { power: 2 scale: 0.5 shift: 1 }"),
-    layer("sigmoid", "Sigmoid", "power"),
-    layer("tanh", "TanH", "lrn_within"),
-])
+from test_onnx_export import (CONV, LENET5, NORM_CHANNELS, PLAN, POOL, RTOL, dense_layers, input_layer, layer,
+                              random_weights)
 
 MERGE = input_layer("data", 2, 4, 5, 5) + "".join([
     layer("split", "Split", "data", ["left", "right"]),
@@ -54,7 +41,7 @@ MERGE = input_layer("data", 2, 4, 5, 5) + "".join([
     layer("softmax", "Softmax", "joined"),
 ])
 
-NETS = {"conv": CONV, "pool": POOL, "norm": NORM, "merge": MERGE}
+NETS = {"conv": CONV, "pool": POOL, "norm": NORM_CHANNELS, "merge": MERGE}
 FP32 = ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage", "use_bf16_packed",
         "use_packing_layout", "use_winograd_convolution", "use_sgemm_convolution", "use_int8_inference")
 

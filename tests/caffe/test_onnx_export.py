@@ -69,7 +69,7 @@ def _pools(source: str) -> str:
 
 POOL = input_layer("odd", 2, 3, 13, 13) + input_layer("even", 1, 2, 14, 14) + _pools("odd") + _pools("even")
 
-NORM = input_layer("data", 2, 6, 7, 7) + "".join([
+NORM_CHANNELS = input_layer("data", 2, 6, 7, 7) + "".join([  # along the channels (what ncnn covers too)
     layer("lrn_across", "LRN", "data", param="lrn_param { local_size: 5 alpha: 0.5 beta: 0.75 k: 2 }"),
     layer("lrn_within", "LRN", "data", param="lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 "
           "norm_region: WITHIN_CHANNEL }"),
@@ -81,8 +81,8 @@ NORM = input_layer("data", 2, 6, 7, 7) + "".join([
     layer("power", "Power", "bn", param="power_param { power: 2 scale: 0.5 shift: 1 }"),
     layer("sigmoid", "Sigmoid", "power"),
     layer("tanh", "TanH", "lrn_within"),
-    layer("scale_hw", "Scale", "tanh", param="scale_param { axis: 2 num_axes: 2 }"),
 ])
+NORM = NORM_CHANNELS + layer("scale_hw", "Scale", "tanh", param="scale_param { axis: 2 num_axes: 2 }")
 
 MERGE = input_layer("data", 2, 4, 5, 5) + "".join([
     layer("split", "Split", "data", ["left", "right"]),
