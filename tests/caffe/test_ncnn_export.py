@@ -18,8 +18,9 @@ from clipq.caffe import caffe_io, ncnn_export
 from clipq.util.errors import ClipqError
 from clipq.workflows import compressed_model
 from conftest import REPO
-from test_onnx_export import (CONV, LENET5, NORM_CHANNELS, PLAN, POOL, RTOL, dense_layers, input_layer, layer,
-                              random_weights)
+# compressed_lenet5: the ONNX tests' module fixture (one .clipq of PLAN per module), shared by import
+from test_onnx_export import (CONV, LENET5, NORM_CHANNELS, PLAN, POOL, RTOL, compressed_lenet5, dense_layers,
+                              input_layer, layer, random_weights)
 
 MERGE = input_layer("data", 2, 4, 5, 5) + "".join([
     layer("split", "Split", "data", ["left", "right"]),
@@ -129,16 +130,6 @@ def test_lenets_agree_with_caffe(net, tmp_path):
     exported, param, binary = export_dense(deploy, tmp_path / "w.caffemodel", tmp_path / "m")
     assert exported.outputs == ["prob"] and not exported.compressed
     assert_same_as_caffe(caffe_net, param, binary)
-
-
-@pytest.fixture(scope="module")
-def compressed_lenet5(tmp_path_factory):
-    """A LeNet-5 .clipq made by clipq's encode path (PLAN) from random weights, and its decoded caffemodel."""
-    d = tmp_path_factory.mktemp("ncnn_lenet5")
-    random_weights(LENET5, d / "w.caffemodel")
-    compressed_model.encode_file(LENET5, d / "w.caffemodel", d / "m.clipq", PLAN)
-    compressed_model.decode_file(d / "m.clipq", d / "decoded.caffemodel", LENET5)
-    return d
 
 
 def read_tables(binary: bytes, sizes: dict[str, int]) -> dict[str, np.ndarray]:

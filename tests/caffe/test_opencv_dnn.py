@@ -20,7 +20,9 @@ import pytest
 from clipq.caffe import caffe_io
 from clipq.workflows import compressed_model
 from conftest import REPO
-from test_onnx_export import (CONV, LENET5, MERGE, NORM, PLAN, POOL, RTOL, SHAPES, export_dense, random_weights)
+# compressed_lenet5: the ONNX tests' module fixture (one .clipq of PLAN per module), shared by import
+from test_onnx_export import (CONV, LENET5, MERGE, NORM, POOL, RTOL, SHAPES, compressed_lenet5, export_dense,
+                              random_weights)
 
 
 def without(text: str, *names: str) -> str:
@@ -105,16 +107,6 @@ def test_lenets_agree_with_caffe_through_onnx_and_caffe(net, tmp_path):
                          feeds, want)
     cv_net, tops = read_caffe(deploy, tmp_path / "w.caffemodel")
     assert_opencv_agrees(cv_net, feeds, want, tops)
-
-
-@pytest.fixture(scope="module")
-def compressed_lenet5(tmp_path_factory):
-    """A LeNet-5 .clipq made by clipq's encode path (PLAN) from random weights, and its decoded caffemodel."""
-    d = tmp_path_factory.mktemp("opencv_lenet5")
-    random_weights(LENET5, d / "w.caffemodel")
-    compressed_model.encode_file(LENET5, d / "w.caffemodel", d / "m.clipq", PLAN)
-    compressed_model.decode_file(d / "m.clipq", d / "decoded.caffemodel", LENET5)
-    return d
 
 
 def test_compressed_lenet5_decoded_agrees_with_caffe_through_caffe_and_dense_onnx(compressed_lenet5, tmp_path):

@@ -34,6 +34,15 @@ def export(deploy: Path, clipq: Path, output: Path) -> dict:
             "outputs": written.outputs}
 
 
+def file_summary(onnx: dict, name: str) -> str:
+    """What was written, for the reports: `name` (the file's name as the report shows it), its size, how many
+    layers kept codes + codebook, and the dense export's size."""
+    layers = len(onnx["compressed"])
+    return (f"ONNX (opset {onnx['opset']}): {name} {onnx['bytes']:,} bytes, {layers} "
+            f"layer{'s' if layers != 1 else ''} as uint8 codes + codebook (dense float32 ONNX "
+            f"{onnx['dense_bytes']:,} bytes); ")
+
+
 class Session:
     """An onnxruntime session of an ONNX file whose inputs have a fixed batch (the deploy's): `run` takes any
     number of samples, a batch at a time, the last one padded with zeros."""

@@ -11,7 +11,7 @@ from clipq.search.gp import METRIC_LABELS
 from clipq.storage import size
 from clipq.util.atomic import atomic_write
 from clipq.util.figures import pyplot, save_png
-from clipq.workflows import compressed_model
+from clipq.workflows import compressed_model, onnx_output
 
 
 def data_protocol(config) -> dict:
@@ -145,10 +145,7 @@ def onnx_line(onnx: dict | None) -> str:
         return "- ONNX: not written (--no-onnx)"
     if "refused" in onnx:
         return f"- **no ONNX**: {onnx['refused']}"
-    layers = len(onnx["compressed"])
-    line = (f"- ONNX (opset {onnx['opset']}): `{Path(onnx['file']).name}` {onnx['bytes']:,} bytes, {layers} "
-            f"layer{'s' if layers != 1 else ''} as uint8 codes + codebook (dense float32 ONNX "
-            f"{onnx['dense_bytes']:,} bytes); ")
+    line = "- " + onnx_output.file_summary(onnx, f"`{Path(onnx['file']).name}`")
     top1 = onnx["top1"]
     if "skipped" in top1:
         return line + f"test top-1 in onnxruntime **not measured**: {top1['skipped']}"

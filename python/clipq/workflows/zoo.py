@@ -518,10 +518,7 @@ def onnx_line(onnx: dict | None) -> str:
         return "ONNX: not written (--no-onnx)"
     if "refused" in onnx:
         return f"no ONNX: {onnx['refused']}"
-    layers = len(onnx["compressed"])
-    line = (f"ONNX (opset {onnx['opset']}): {Path(onnx['file']).name} {onnx['bytes']:,} bytes, {layers} "
-            f"layer{'s' if layers != 1 else ''} as uint8 codes + codebook (dense float32 ONNX "
-            f"{onnx['dense_bytes']:,} bytes); ")
+    line = onnx_output.file_summary(onnx, Path(onnx["file"]).name)
     c = onnx["comparison"]
     if "skipped" in c:
         return line + f"not run: {c['skipped']}"
