@@ -336,8 +336,7 @@ def param_shapes(net_param, shapes: dict[str, Shape | None], phase: str = "TEST"
 def _weight_shapes(kind: str, param, bottom: Shape) -> list[Shape]:
     axis = param.axis % len(bottom)
     if kind == "Convolution":
-        n = len(bottom) - axis - 1
-        kernel = [param.kernel_h, param.kernel_w] if param.HasField("kernel_h") else spatial(param.kernel_size, n, 1)
+        kernel = conv_geometry(param, len(bottom) - axis - 1)[0]
         weights = (param.num_output, bottom[axis] // (param.group or 1), *kernel)
     else:
         inputs = math.prod(bottom[axis:])

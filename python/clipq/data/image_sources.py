@@ -334,7 +334,9 @@ def _from_csv(path: Path, label_column: str, shape: tuple[int, int, int] | None)
                 rows.append(np.array(pixels, dtype=np.float64))
             except ValueError:
                 raise ClipqError(f"{path}:{line}: a pixel is not a number (label column: {label_column})") from None
-            floats = floats or any(mark in "".join(pixels) for mark in ".eEnN")
+            if not floats:
+                written = "".join(pixels)
+                floats = any(mark in written for mark in ".eEnN")
             if len(rows[-1]) != len(rows[0]):
                 raise ClipqError(f"{path}:{line}: {len(rows[-1])} pixels, but the first row has {len(rows[0])}")
             if label.strip() == "":
