@@ -547,16 +547,15 @@ def decode(data: bytes, source: str = "file") -> tuple[dict, list[Layer]]:
     """(header, layers) of a `.clipq` file; a one-line ClipqError naming the file and the layer or field on
     any damage or inconsistent edit."""
     header, start = read_header(data, source)
-    layers = []
+    layers: dict[str, Layer] = {}  # check_header: names unique, a shared entry's owner decoded before it
     for entry in header["layers"]:
         payload = data[start + entry["offset"]:start + entry["offset"] + entry["length"]]
         if _layer_crc(entry, payload, header["version"]) != entry["crc32"]:
             raise ClipqError(f"{source}: layer '{entry['name']}': CRC mismatch (corrupt data or an edited header)")
         try:
-            owner = next((o for o in layers if o.name == entry["of"]), None) if entry["encoding"] == "shared" else None
-            layer = decode_layer(entry, payload, owner)
+            layer = decode_layer(entry, payload, layers.get(entry.get("of")))
         except ValueError as e:
             raise ClipqError(f"{source}: layer '{entry['name']}': {e}") from None
         layer.facts = entry
-        layers.append(layer)
-    return header, layers
+        layers[layer.name] = layer
+    return header, list(layers.values())
