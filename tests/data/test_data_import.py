@@ -63,7 +63,7 @@ def test_colour_images_are_stored_bgr_and_the_mean_is_the_training_images(tmp_pa
     rgb = {image[::-1].tobytes(): label for split in stored.values() for image, label in split}
     assert rgb == {image.tobytes(): label for image, label in zip(images, labels)}  # every image once, BGR
     train = np.stack([image for image, _ in stored["train"]]).astype(np.float64)
-    mean = data_import.read_mean(tmp_path / "d" / "mean.binaryproto")
+    mean = caffe_io.read_mean(tmp_path / "d" / "mean.binaryproto")
     np.testing.assert_allclose(mean, train.mean(axis=0), rtol=1e-6)
     assert json.loads((tmp_path / "d" / "dataset.json").read_text())["channel_order"] == "BGR"
 
@@ -147,8 +147,8 @@ def test_a_jpeg_folder_through_convert_imageset_and_through_clipq_data_gives_the
     assert sorted(label for _, label in ours) == sorted(int(line.split()[1]) for line in lines)
     for image, label in ours:  # the same decoder (libjpeg) behind OpenCV and Pillow: equal up to rounding
         assert min(np.abs(image.astype(int) - t).max() for t in theirs[label]) <= 2
-    np.testing.assert_allclose(data_import.read_mean(tmp_path / "ours" / "mean.binaryproto"),
-                               data_import.read_mean(tmp_path / "caffe_mean.binaryproto"), atol=2)
+    np.testing.assert_allclose(caffe_io.read_mean(tmp_path / "ours" / "mean.binaryproto"),
+                               caffe_io.read_mean(tmp_path / "caffe_mean.binaryproto"), atol=2)
 
 
 def test_an_output_inside_the_input_folder_is_refused_before_anything_is_written(tmp_path, capsys):

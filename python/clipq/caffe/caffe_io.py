@@ -7,6 +7,7 @@ only the `clipq.caffe` package and `layers/` import it.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -183,6 +184,21 @@ def _labels(path: str, mtime_ns: int, size: int, role: str) -> frozenset[int]:
     if not found:
         raise ClipqError(f"{path}: the {role} is empty")
     return frozenset(found)
+
+
+def read_mean(path: str | os.PathLike) -> np.ndarray:
+    """A mean.binaryproto (ours or compute_image_mean's) as a (C, H, W) float32 array."""
+    blob = caffe_pb2().BlobProto()
+    try:
+        blob.ParseFromString(Path(path).read_bytes())
+    except OSError as e:
+        raise ClipqError(f"{path}: cannot read the mean file ({e.strerror or e})") from None
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between implementations
+        raise ClipqError(f"{path}: not a Caffe BlobProto (mean.binaryproto)") from None
+    shape = tuple(blob.shape.dim) or (blob.num, blob.channels, blob.height, blob.width)
+    if len(shape) < 3 or math.prod(shape) != len(blob.data) or math.prod(shape[:-3]) != 1:
+        raise ClipqError(f"{path}: a BlobProto of shape {shape} with {len(blob.data)} values, not one C x H x W mean")
+    return np.asarray(blob.data, dtype=np.float32).reshape(shape[-3:])
 
 
 def with_test_source(net_param, lmdb_path: str | os.PathLike, source: str, phase: str = "TEST"):

@@ -17,11 +17,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import lmdb
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from clipq.caffe import caffe_io, preflight
 from clipq.util.atomic import atomic_write
@@ -90,16 +88,7 @@ def transform(data_layer, source: str):
         raise ClipqError(f"{where}: transform_param has both mean_file and mean_value (Caffe refuses it)")
     scale = np.float32(param.scale)
     crop = param.crop_size
-    mean_file = None
-    if param.HasField("mean_file"):
-        blob = caffe_io.caffe_pb2().BlobProto()
-        try:
-            blob.ParseFromString(Path(param.mean_file).read_bytes())
-        except OSError as e:
-            raise ClipqError(f"{where}: cannot read the mean file {param.mean_file} ({e.strerror})") from None
-        except DecodeError:
-            raise ClipqError(f"{where}: the mean file {param.mean_file} is not a Caffe BlobProto") from None
-        mean_file = np.asarray(blob.data, np.float32)
+    mean_file = caffe_io.read_mean(param.mean_file) if param.HasField("mean_file") else None
     mean_values = np.asarray(param.mean_value, np.float32)
 
     def apply(datum) -> np.ndarray:

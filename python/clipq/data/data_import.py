@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,21 +122,6 @@ def write_mean(mean: np.ndarray, path: Path) -> None:
     blob = caffe_io.caffe_pb2().BlobProto(num=1, channels=mean.shape[0], height=mean.shape[1], width=mean.shape[2])
     blob.data.extend(mean.astype(np.float32).ravel().tolist())
     path.write_bytes(blob.SerializeToString())
-
-
-def read_mean(path: Path) -> np.ndarray:
-    """A mean.binaryproto (ours or compute_image_mean's) as a (C, H, W) float32 array."""
-    blob = caffe_io.caffe_pb2().BlobProto()
-    try:
-        blob.ParseFromString(Path(path).read_bytes())
-    except OSError as e:
-        raise ClipqError(f"{path}: cannot read the mean file ({e.strerror or e})") from None
-    except Exception:  # noqa: BLE001 - protobuf's DecodeError differs between implementations
-        raise ClipqError(f"{path}: not a Caffe BlobProto (mean.binaryproto)") from None
-    shape = tuple(blob.shape.dim) or (blob.num, blob.channels, blob.height, blob.width)
-    if len(shape) < 3 or math.prod(shape) != len(blob.data) or math.prod(shape[:-3]) != 1:
-        raise ClipqError(f"{path}: a BlobProto of shape {shape} with {len(blob.data)} values, not one C x H x W mean")
-    return np.asarray(blob.data, dtype=np.float32).reshape(shape[-3:])
 
 
 def import_images(source: Source, out: Path, settings: ImportSettings, origin: str = "",

@@ -236,7 +236,7 @@ def _transform(input_shape, data: DataDir, settings: InitSettings, notes: list[s
         if data.mean is None:
             raise ClipqError(f"{data.path}: no {data_import.MEAN_FILE} (make one with compute_image_mean), "
                              f"or give --mean none")
-        mean = data_import.read_mean(data.mean)  # Caffe aborts on a damaged one, or one of another size
+        mean = caffe_io.read_mean(data.mean)  # Caffe aborts on a damaged one, or one of another size
         if mean.shape != tuple(data.shape):
             raise ClipqError(f"{data.mean}: a mean of {'x'.join(map(str, mean.shape))}, but the images are "
                              f"{'x'.join(map(str, data.shape))}; remake it with compute_image_mean")
