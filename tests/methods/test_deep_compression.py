@@ -54,3 +54,49 @@ def test_centroid_gradient_is_the_sum_of_the_members_gradients():
     codes = np.array([[1, 0, 2], [1, 3, 2]], np.uint8)
     grad = np.array([[0.5, 9.0, 1.0], [0.25, -2.0, 3.0]], np.float32)
     assert dc.centroid_gradient(grad, codes, 3).tolist() == [0.75, 4.0, -2.0]  # the pruned weight's 9 is ignored
+
+
+def sensitive_net_error(weights: dict[str, np.ndarray]):
+    """A stand-in for Caffe's held-out error: layer `a` costs 100 points per unit of weight mass it loses, `b`
+    only 10; quantization error counts the same way."""
+    reference = {n: np.abs(w).sum() for n, w in weights.items()}
+    cost = {"a": 100.0, "b": 10.0}
+
+    def error_of(replaced):
+        return 5.0 + sum(cost[n] * float(np.abs(weights[n] - w).sum()) / reference[n] for n, w in replaced.items())
+    return error_of
+
+
+def test_the_sensitivity_scan_prunes_the_insensitive_layer_further_and_picks_the_fewest_bits_within_tolerance():
+    rng = np.random.default_rng(1)
+    weights = {"a": rng.normal(size=(4, 2, 3, 3)).astype(np.float32), "b": rng.normal(size=(10, 30)).astype(np.float32)}
+    scan = dc.Sensitivity(weights, sensitive_net_error(weights))
+    assert scan.base == 5.0 and all(loss == 0 for loss in (scan.pruned["a"][0], scan.pruned["b"][0]))
+    plan = scan.plan(tolerance=2.0)
+    assert plan["b"].p > plan["a"].p  # b loses a tenth as much per weight: pruned further
+    for name, lp in plan.items():
+        keep = 1 - lp.p
+        assert scan.pruned[name][scan.grid.index(pytest.approx(keep))] <= 2.0
+        assert lp.bits in dc.bit_range(weights[name])
+        lower = [b for b in dc.bit_range(weights[name]) if b < lp.bits]
+        assert all(scan.shared_loss(name, keep, b) > 2.0 for b in lower)
+    assert dc.bit_range(weights["a"]) == (4, 5, 6, 7, 8) and dc.bit_range(weights["b"]) == (3, 4, 5, 6)
+    assert scan.plan(0.0)["a"].p < scan.plan(5.0)["a"].p  # a larger tolerance prunes more
+
+
+def test_iterative_pruning_steps_the_kept_fraction_geometrically_and_never_unprunes():
+    from clipq.plan import LayerPlan
+    method = dc.DeepCompression("deep-compression", {}, plan={"w": LayerPlan(1 - 0.125, 5)}, rounds=3, bias={"w": False})
+    phases = method.phases()
+    assert [p.name for p in phases] == ["prune1", "prune2", "prune3", "share"]
+    assert [p.share for p in phases] == pytest.approx([1 / 6, 1 / 6, 1 / 6, 0.5])
+    assert [1 - method.round_p("w", r) for r in (1, 2, 3)] == pytest.approx([0.5, 0.25, 0.125])
+    rng = np.random.default_rng(2)
+    blobs = {"w": [rng.normal(size=64).astype(np.float32)]}
+    masks = []
+    for phase in phases[:3]:
+        blobs = phase.prepare(blobs)
+        blobs["w"][0] = blobs["w"][0] + rng.normal(scale=0.5, size=64).astype(np.float32)  # "retraining"
+        masks.append(blobs["w"][-1] > 0)
+    assert [int(m.sum()) for m in masks] == [32, 16, 8]
+    assert all(not (later & ~earlier).any() for earlier, later in zip(masks, masks[1:]))

@@ -47,5 +47,6 @@ def test_layer_kinds_are_listed_once_in_registration_order():
 
 
 def test_clipqs_methods_are_registered_in_the_order_compare_runs_them():
-    assert METHODS.names() == ("clipq", "uniform", "sequential", "deep-compression", "dns", "lc")
+    assert METHODS.names() == ("clipq", "uniform", "sequential", "deep-compression", "dns", "lc",
+                              "lc-quantized")
     assert all(METHODS[name].NAME == name and METHODS[name].LABEL for name in METHODS.names())

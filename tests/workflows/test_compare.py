@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,8 +39,13 @@ def compared(trained_mlp, tmp_path_factory):
     cc = pipeline.CompressConfig(trained_mlp["model"], trained_mlp["weights"], trained_mlp["solver"], out,
                                  settings=gp.SearchSettings(lam=1000, iterations=6, initial=3, subset=500),
                                  jobs=1, max_iter=8, progress=False, val=trained_mlp["val"])
-    config = compare.CompareConfig(cc, targets=(10.0, 40.0), matched=1, options={"lc": {"steps": 2}})
-    return compare.run(config, log=lambda m: None), out
+    return compare.run(compare_config(cc), log=lambda m: None), out
+
+
+def compare_config(cc) -> compare.CompareConfig:
+    """Two trials of 4 iterations, then 8 for the chosen one; LC in 2 L steps."""
+    return compare.CompareConfig(cc, targets=(10.0, 40.0), matched=1,
+                                 options={"lc": {"steps": 2}, "lc-quantized": {"steps": 2}}, trials=2, trial_share=0.5)
 
 
 def test_every_method_runs_at_clipqs_size_with_the_same_iterations(compared):
@@ -53,6 +59,29 @@ def test_every_method_runs_at_clipqs_size_with_the_same_iterations(compared):
             assert abs(np.log(r["bytes"] / smallest_clipq)) < np.log(1.3), r
 
 
+def test_every_method_gets_the_same_number_of_trials_chosen_on_validation_and_scored_on_test_once(compared):
+    report, out = compared
+    assert report["trials"] == 2 and report["trial_iterations"] == 4
+    for r in report["rows"]:
+        assert len(r["trials"]) == 2 and r["chosen"] == 1 + int(np.argmin([t["val_drop"] for t in r["trials"]]))
+        assert r["point"].startswith(r["trials"][r["chosen"] - 1]["label"].split(", lr x")[0])
+        for k in (1, 2):
+            stages = json.loads((Path(r["dir"]) / "trials" / str(k) / "stages.json").read_text())
+            assert set(stages["evaluate"]["result"]) == {"decoded_val"}  # a trial is never scored on test
+    table = (out / "compare.md").read_text()
+    assert "fine-tuned trials of 4 iterations" in table and "The trials" in table
+
+
+def test_trials_are_topped_up_with_learning_rate_variants():
+    from clipq.methods.base import Method, Trial
+    own = (Trial("a", lambda: Method("m", {})), Trial("b", lambda: Method("m", {})))
+    trials = compare.tuned(own, 5)
+    assert [t.label for t in trials] == ["a", "b", "a, lr x2", "b, lr x2", "a, lr x0.5"]
+    method = trials[4].make()
+    assert method.lr == 0.5 and method.settings == {"lr": 0.5}
+    assert compare.tuned(own, 1) == own[:1]
+
+
 def test_compare_writes_table_plot_and_json_and_resumes(compared, trained_mlp):
     report, out = compared
     assert json.loads((out / "compare.json").read_text())["rows"] == report["rows"]
@@ -62,8 +91,7 @@ def test_compare_writes_table_plot_and_json_and_resumes(compared, trained_mlp):
                                  settings=gp.SearchSettings(lam=1000, iterations=6, initial=3, subset=500),
                                  jobs=1, max_iter=8, progress=False, val=trained_mlp["val"])
     lines = []
-    again = compare.run(compare.CompareConfig(cc, targets=(10.0, 40.0), matched=1, options={"lc": {"steps": 2}}),
-                        log=lines.append)
+    again = compare.run(compare_config(cc), log=lines.append)
     assert [r["bytes"] for r in again["rows"]] == [r["bytes"] for r in report["rows"]]
     assert not any(line.endswith("finetune] ...") for line in lines)  # nothing trained twice
 

@@ -17,6 +17,7 @@ from clipq.cli.arguments import (
     finetune_arguments,
     from_experiment,
     metric_argument,
+    open_fraction,
     positive_float,
     positive_int,
     search_arguments,
@@ -142,7 +143,9 @@ def add_compare(sub) -> None:
                                    "search's lambda path nearest --targets; every other method runs at the sizes of "
                                    "CLIP-Q's --matched smallest points (Deep Compression also at its paper's LeNet "
                                    "setting). Every method fine-tunes the solver's max_iter iterations in all (a "
-                                   "two-phase method runs the schedule compressed into each half) with real "
+                                   "multi-phase method runs the schedule compressed into each phase) with real "
+                                   "`caffe train`, after --trials shorter trials of its settings chosen on --val, "
+                                   "the same number for every method; it "
                                    "`caffe train`, is stored as a .clipq file, decoded and evaluated on the TEST "
                                    "set. Writes OUT/compare.md, compare.json and plots/compare.png; every run is "
                                    "under OUT/runs/ and resumable.",
@@ -164,7 +167,13 @@ def add_compare(sub) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS.names()), choices=list(METHODS.names()),
                    metavar="METHOD",
                    help=f"methods to run (default all: {' '.join(METHODS.names())})")
-    p.add_argument("--lc-steps", type=positive_int, default=5, help="LC's L steps (default 5)")
+    p.add_argument("--lc-steps", type=positive_int,
+                   help="LC's L steps in every trial (default: each trial's schedule, 5 to 20 steps)")
+    p.add_argument("--trials", type=positive_int, default=4,
+                   help="fine-tuned trials per method and operating point, chosen on --val: the method's own settings "
+                        "topped up with learning-rate variants (default 4; 1: one run each, no tuning)")
+    p.add_argument("--trial-share", type=open_fraction, default=0.25,
+                   help="a trial's share of the fine-tuning iterations (default 0.25)")
     p.add_argument("--huffman", action="store_true",
                    help="Huffman-code every method's .clipq streams (Deep Compression's third stage; the operating "
                         "points are still placed by the sizes without it)")
@@ -179,8 +188,9 @@ def _compare(args) -> int:
     cc = pipeline.CompressConfig(args.model, args.weights, args.solver, args.out, None, search_settings(args),
                                  max_iter=args.max_iter, huffman=args.huffman, progress=not args.no_progress,
                                  val=args.val, aids=aids(args, budget=False), **executor_options(args))
-    config = compare.CompareConfig(cc, tuple(args.targets), args.matched, tuple(args.methods),
-                                   {"lc": {"steps": args.lc_steps}})
+    options = {name: {"steps": args.lc_steps} for name in ("lc", "lc-quantized")} if args.lc_steps else {}
+    config = compare.CompareConfig(cc, tuple(args.targets), args.matched, tuple(args.methods), options,
+                                   args.trials, args.trial_share)
     compare.run(config, log=lambda msg: print(msg, file=sys.stderr))
     print((args.out / "compare.md").read_text())
     return 0

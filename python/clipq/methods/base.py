@@ -93,6 +93,8 @@ class Placement:
     iterations: int                   # fine-tuning iterations every method gets
     seed: int
     options: dict[str, dict] = field(default_factory=dict)  # per method name: its knobs (e.g. LC's steps)
+    error_of: Callable[[dict[str, np.ndarray]], float] | None = None  # top-1 error (%) on held-out images with
+                                      # these layers' weights replaced, no fine-tuning (free: a sensitivity scan)
 
     @property
     def layers(self) -> list[str]:
@@ -149,13 +151,34 @@ def plan_label(plan: Plan) -> str:
 
 
 @dataclass(frozen=True)
-class OperatingPoint:
-    """One run of a method in `clipq compare`: which slot it fills (the same across seeds), its settings as
-    the table shows them, and the method at those settings."""
+class Trial:
+    """One setting of a method to try at an operating point: as the table shows it, and the method at it."""
 
-    slot: str
     label: str
     make: Callable[[], Method]
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One operating point of a method in `clipq compare`: which slot it fills (the same across seeds) and the
+    settings the method offers to try there, its best guess first. `clipq compare` fine-tunes an equal number of
+    trials for every method (topping a short list up with learning-rate variants, `with_lr`), keeps the one with
+    the smallest validation drop and scores only that one on the test set."""
+
+    slot: str
+    trials: tuple[Trial, ...]
+
+
+def single(slot: str, label: str, make: Callable[[], Method]) -> OperatingPoint:
+    """An operating point with one setting of the method's own (compare tunes its learning rate)."""
+    return OperatingPoint(slot, (Trial(label, make),))
+
+
+def with_lr(method: Method, factor: float) -> Method:
+    """The method with its fine-tuning learning rate multiplied by `factor` (recorded in its settings)."""
+    method.lr *= factor
+    method.settings = {**method.settings, "lr": method.lr}
+    return method
 
 
 # --- the method --------------------------------------------------------------------------------------
@@ -173,6 +196,7 @@ class Method:
     name: str
     settings: dict
     bias: dict[str, bool] = field(default_factory=dict)
+    lr: float = 1.0   # multiplies the solver's base_lr in every phase (a tuning knob of `clipq compare`)
 
     def phases(self) -> list[Phase]:
         raise NotImplementedError
@@ -192,27 +216,42 @@ class Method:
 @dataclass
 class PruneThenShare(Method):
     """Prune with a fixed mask and retrain, then share weights and fine-tune the codebook (summed gradients).
+    With `rounds` > 1 the pruning is iterative: round r of R prunes to keep ** (r / R) of each layer's weights
+    (the mask only grows sparser) and retrains, the rounds sharing the pruning's half of the iterations.
     Subclasses choose the mask and the sharing."""
 
     LAYER_KINDS = ("Masked", "Shared")
 
     plan: Plan = field(default_factory=dict)   # p = 1 - kept fraction, b = bits
+    rounds: int = 1
 
     def layers(self):
         return list(self.plan)
 
-    def mask(self, name: str, w: np.ndarray) -> np.ndarray:
+    def mask(self, name: str, w: np.ndarray, p: float) -> np.ndarray:
+        """The layer's mask pruning `p` of its weights (pruned weights are 0 in w after the first round)."""
         raise NotImplementedError
 
     def share(self, name: str, w: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def round_p(self, name: str, round_: int) -> float:
+        """The pruning rate of round `round_` (1..rounds): kept fractions in geometric steps down to the plan's."""
+        p = self.plan[name].p
+        return p if round_ == self.rounds else 1.0 - (1.0 - p) ** (round_ / self.rounds)
+
     def phases(self):
         masked = {n: LayerRole("Masked", state_blobs=1) for n in self.plan}
         shared = {n: LayerRole("Shared", {"bits": self.plan[n].bits}, state_blobs=1) for n in self.plan}
 
-        def prune(blobs: Blobs) -> Blobs:
-            return {n: own(b, self.bias[n]) + [self.mask(n, b[0]).astype(np.float32)] for n, b in blobs.items()}
+        def prune(round_: int) -> Callable[[Blobs], Blobs]:
+            def prepare(blobs: Blobs) -> Blobs:
+                out = {}
+                for n, b in blobs.items():
+                    w = b[0] * (b[-1] > 0) if round_ > 1 else b[0]  # a pruned weight stays pruned
+                    out[n] = own(b, self.bias[n]) + [self.mask(n, w, self.round_p(n, round_)).astype(np.float32)]
+                return out
+            return prepare
 
         def share(blobs: Blobs) -> Blobs:
             out = {}
@@ -221,7 +260,9 @@ class PruneThenShare(Method):
                 out[n] = [codebook.astype(np.float32)] + own(b, self.bias[n])[1:] + [codes.astype(np.float32)]
             return out
 
-        return [Phase("prune", 0.5, masked, prune), Phase("share", 0.5, shared, share)]
+        names = ["prune"] if self.rounds == 1 else [f"prune{r}" for r in range(1, self.rounds + 1)]
+        return ([Phase(name, 0.5 / self.rounds, masked, prune(r)) for r, name in enumerate(names, 1)]
+                + [Phase("share", 0.5, shared, share)])
 
     def export(self, blobs):
         return {n: Stored(blobs[n][-1].astype(np.uint8), blobs[n][0].astype(np.float32), self.plan[n].bits)

@@ -16,11 +16,13 @@ from clipq.methods.base import (
     Method,
     OperatingPoint,
     Phase,
+    Trial,
     Plan,
     PruneThenShare,
     Stored,
     own,
     plan_label,
+    single,
 )
 from clipq.methods.registry import METHODS
 from clipq.plan import LayerPlan
@@ -68,15 +70,16 @@ class ClipQ(Method):
 
     @classmethod
     def operating_points(cls, place):
-        return [OperatingPoint(f"CLIP-Q point {i}", f"{place.rate(p):.0f}x plan: {plan_label(p)}",
-                               lambda p=p: cls(cls.NAME, {"plan": plan_label(p)}, plan=p))
+        return [single(f"CLIP-Q point {i}", f"{place.rate(p):.0f}x plan: {plan_label(p)}",
+                       lambda p=p: cls(cls.NAME, {"plan": plan_label(p)}, plan=p))
                 for i, p in enumerate(place.clipq_plans, 1)]
 
 
 @METHODS.register
 @dataclass
 class UniformClipQ(ClipQ):
-    """CLIP-Q with one (p, b) for every layer: b the kept-weighted mean of CLIP-Q's plan, p chosen by size."""
+    """CLIP-Q with one (p, b) for every layer: b the kept-weighted mean of CLIP-Q's plan (then b - 1 and b + 1 as
+    further trials), p chosen by size."""
 
     NAME = "uniform"
     LABEL = "CLIP-Q, uniform (p, b)"
@@ -86,13 +89,19 @@ class UniformClipQ(ClipQ):
         points = []
         for slot, tag, target, plan in place.targets():
             kept = {n: np.size(place.weights[n]) * (1 - lp.p) for n, lp in plan.items()}
-            bits = round(sum(kept[n] * lp.bits for n, lp in plan.items()) / sum(kept.values()))
-            p = 1 - place.bisect(lambda k: {n: LayerPlan(min(1 - k, 0.9999), bits) for n in place.layers},
-                                 target, 1e-4, 1.0)
-            uniform = {n: LayerPlan(round(min(p, 0.9999), 4), bits) for n in place.layers}
-            points.append(OperatingPoint(slot, f"{tag}: p {p:.3f}, b {bits}",
-                                         lambda u=uniform: cls(cls.NAME, {"plan": plan_label(u)}, plan=u)))
+            mean_bits = round(sum(kept[n] * lp.bits for n, lp in plan.items()) / sum(kept.values()))
+            trials = [cls.at_size(place, target, tag, bits)
+                      for bits in dict.fromkeys(min(max(b, 2), 8) for b in (mean_bits, mean_bits - 1, mean_bits + 1))]
+            points.append(OperatingPoint(slot, tuple(trials)))
         return points
+
+    @classmethod
+    def at_size(cls, place, target: float, tag: str, bits: int) -> Trial:
+        """One (p, b) for every layer at `bits`, p bisected to the target size."""
+        p = 1 - place.bisect(lambda k: {n: LayerPlan(min(1 - k, 0.9999), bits) for n in place.layers},
+                             target, 1e-4, 1.0)
+        uniform = {n: LayerPlan(round(min(p, 0.9999), 4), bits) for n in place.layers}
+        return Trial(f"{tag}: p {p:.3f}, b {bits}", lambda u=uniform: cls(cls.NAME, {"plan": plan_label(u)}, plan=u))
 
 
 @METHODS.register
@@ -104,9 +113,8 @@ class Sequential(PruneThenShare):
     NAME = "sequential"
     LABEL = "prune, then quantize"
 
-    def mask(self, name, w):
-        lp = self.plan[name]
-        return prune_quant.clip_quantize(w, lp.p, lp.bits).mask
+    def mask(self, name, w, p):
+        return prune_quant.clip_quantize(w, p, self.plan[name].bits).mask
 
     def share(self, name, w, mask):
         q = prune_quant.quantize_kept(w, mask, self.plan[name].bits)
@@ -114,6 +122,5 @@ class Sequential(PruneThenShare):
 
     @classmethod
     def operating_points(cls, place):
-        return [OperatingPoint(slot, f"{tag}: CLIP-Q's plan",
-                               lambda p=plan: cls(cls.NAME, {"plan": plan_label(p)}, plan=p))
+        return [single(slot, f"{tag}: CLIP-Q's plan", lambda p=plan: cls(cls.NAME, {"plan": plan_label(p)}, plan=p))
                 for slot, tag, _, plan in place.targets()]

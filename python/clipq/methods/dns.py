@@ -22,6 +22,7 @@ from clipq.methods.base import (
     Method,
     OperatingPoint,
     Phase,
+    Trial,
     kept_plan,
     own,
     published,
@@ -82,12 +83,13 @@ PAPER_KEEP = {
 class Surgery(Method):
     """Dynamic Network Surgery: c_rate per layer; surgery until `iter_stop` (an iteration of its phase). In
     `clipq compare` it runs at CLIP-Q's sizes with its paper's kept fractions scaled by one factor, each turned
-    into a c_rate on the baseline weights, and surgery for the first STOP of the iterations."""
+    into a c_rate on the baseline weights, and surgery for the first STOPS[i] of the iterations (one trial each;
+    the reference's LeNet-5 ip1 stops at 14,000 of its training's iterations)."""
 
     NAME = "dns"
     LABEL = "Dynamic Network Surgery"
     LAYER_KINDS = ("Surgery",)
-    STOP = 0.5
+    STOPS = (0.5, 0.9)
 
     c_rates: dict[str, float] = field(default_factory=dict)
     iter_stop: int = 0
@@ -117,15 +119,18 @@ class Surgery(Method):
     @classmethod
     def operating_points(cls, place):
         shape = published(place, PAPER_KEEP, {n: 1 - lp.p for n, lp in place.clipq_plans[-1].items()})
-        stop = round(place.options.get(cls.NAME, {}).get("stop", cls.STOP) * place.iterations)
+        stops = [place.options[cls.NAME]["stop"]] if "stop" in place.options.get(cls.NAME, {}) else cls.STOPS
         points = []
         for slot, tag, target, _ in place.targets():
             factor = place.bisect(lambda f: kept_plan(scaled(shape, f), STORE_BITS), target, 1e-3,
                                   1 / min(shape.values()))
             keep = scaled(shape, factor)
             rates = {n: round(c_rate_for(place.weights[n], k), 4) for n, k in keep.items()}
-            points.append(OperatingPoint(slot, f"{tag}: keep " + " ".join(f"{n} {k:.3f}" for n, k in keep.items()),
-                                         lambda r=rates: cls(cls.NAME, {"c_rates": r, "iter_stop": stop,
-                                                                        "seed": place.seed},
-                                                             c_rates=r, iter_stop=stop, seed=place.seed)))
+            label = f"{tag}: keep " + " ".join(f"{n} {k:.3f}" for n, k in keep.items())
+            points.append(OperatingPoint(slot, tuple(
+                Trial(f"{label}, surgery until {share:g} of the iterations",
+                      lambda r=rates, stop=round(share * place.iterations): cls(
+                          cls.NAME, {"c_rates": r, "iter_stop": stop, "seed": place.seed},
+                          c_rates=r, iter_stop=stop, seed=place.seed))
+                for share in stops)))
         return points

@@ -7,7 +7,9 @@ min L(w) s.t. w has at most kappa non-zero weights *over the whole net*, by the 
 - C step: theta = the kappa largest-magnitude entries of w - lambda/mu (all layers together; the rest 0),
   then lambda <- lambda - mu (w - theta);
 - mu grows geometrically, mu_k = mu_0 * a**k. The model is the final theta.
-The per-layer pruning rates are not chosen: they emerge from the global budget. Pure numpy.
+The per-layer pruning rates are not chosen: they emerge from the global budget. With `bits`, the C step also
+quantizes each layer's kept weights by k-means to 2**bits - 1 levels (the toolkit's
+`ConstraintL0Pruning(kappa, precision)`, its quantizing C step): `LCQuantized`. Pure numpy.
 """
 
 from __future__ import annotations
@@ -17,8 +19,47 @@ from typing import Callable
 
 import numpy as np
 
-from clipq.methods.base import STORE_BITS, Blobs, LayerRole, Method, OperatingPoint, Phase, kept_plan, own, stored_at
+from clipq.methods.base import (
+    STORE_BITS,
+    Blobs,
+    LayerRole,
+    Method,
+    OperatingPoint,
+    Phase,
+    Stored,
+    Trial,
+    kept_plan,
+    own,
+    stored_at,
+)
+from clipq.methods.deep_compression import share_weights
 from clipq.methods.registry import METHODS
+
+# The LC toolkit's LeNet-300-100 pruning schedule (examples/lenet300/lenet300.py): mu_k = 9e-5 * 1.1**k, 40 L steps.
+TOOLKIT_MU0, TOOLKIT_GROWTH, TOOLKIT_STEPS = 9e-5, 1.1, 40
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The mu schedule of the L steps: mu_k = mu0 * growth**k for k < steps."""
+
+    mu0: float
+    growth: float
+    steps: int
+
+    @classmethod
+    def spanning(cls, first: float, last: float, steps: int) -> Schedule:
+        """`steps` geometric steps from mu `first` to mu `last`."""
+        return cls(first, (last / first) ** (1 / (steps - 1)) if steps > 1 else 1.0, steps)
+
+    def mus(self) -> list[float]:
+        return [mu_at(k, self.mu0, self.growth) for k in range(self.steps)]
+
+    def label(self) -> str:
+        return f"{self.steps} L steps, mu {self.mu0:.2g} x {self.growth:.3g}^k"
+
+
+TOOLKIT = Schedule(TOOLKIT_MU0, TOOLKIT_GROWTH, TOOLKIT_STEPS)
 
 
 def mu_at(step: int, mu0: float, growth: float) -> float:
@@ -49,11 +90,13 @@ def top_kappa(vectors: dict[str, np.ndarray], kappa: int) -> dict[str, np.ndarra
     return out
 
 
-def c_step(weights: dict[str, np.ndarray], lams: dict[str, np.ndarray], mu: float,
-           kappa: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(theta, updated lambda) from the L step's weights."""
+def c_step(weights: dict[str, np.ndarray], lams: dict[str, np.ndarray], mu: float, kappa: int,
+           compress: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(theta, updated lambda) from the L step's weights; theta = compress(w - lambda / mu), by default the
+    top-kappa projection."""
     shifted = {n: np.asarray(weights[n], np.float64) - lams[n] / mu for n in weights}
-    theta = top_kappa(shifted, kappa)
+    theta = compress(shifted) if compress is not None else top_kappa(shifted, kappa)
     new_lams = {n: (lams[n] - mu * (np.asarray(weights[n], np.float64) - theta[n])).astype(np.float32)
                 for n in weights}
     return {n: t.astype(np.float32) for n, t in theta.items()}, new_lams
@@ -66,18 +109,24 @@ def global_kept(blobs: dict[str, np.ndarray], kappa: int) -> dict[str, float]:
     return {n: float(np.mean(np.abs(b) >= t)) for n, b in blobs.items()}
 
 
+# The schedules `clipq compare` tries (equal-iteration budget), best guess first: mu ending near 30 so that w
+# ends near theta (a first run ending at mu 0.8 left w far from theta and its projection lost 20+ points),
+# from starts small enough that the weights can rearrange before the budget bites; and the toolkit's own range
+# (9e-5 .. 3.7e-3) in 20 steps, whose small mu suits its 800 epochs, not a short fine-tuning.
+SCHEDULES = (Schedule.spanning(1e-3, 30.0, 15), Schedule.spanning(1e-2, 30.0, 10), Schedule(0.5, 2.8, 5),
+             Schedule.spanning(TOOLKIT_MU0, TOOLKIT.mus()[-1], 20))
+
+
 @METHODS.register
 @dataclass
 class LearningCompression(Method):
     """LC pruning with a budget of kappa non-zero weights over `names`: `steps` L steps, mu_k = mu0 a^k. In
-    `clipq compare` it runs at CLIP-Q's sizes with the global kappa chosen by size, STEPS L steps and the mu
-    schedule MU0 * GROWTH**k (by the last L step mu ~ 30, large enough that w ends near theta: a first run
-    with 0.05 * 2**k, last mu 0.8, left w far from theta and its projection lost 20+ points)."""
+    `clipq compare` it runs at CLIP-Q's sizes with the global kappa chosen by size, one trial per schedule of
+    SCHEDULES."""
 
     NAME = "lc"
     LABEL = "LC pruning"
     LAYER_KINDS = ("LC",)
-    STEPS, MU0, GROWTH = 5, 0.5, 2.8
 
     names: list[str] = field(default_factory=list)
     kappa: int = 0
@@ -92,8 +141,8 @@ class LearningCompression(Method):
         return mu_at(step, self.mu0, self.growth)
 
     def phases(self):
-        def first(blobs: Blobs) -> Blobs:  # direct compression: theta = top-kappa of w, lambda = 0
-            theta = top_kappa({n: b[0] for n, b in blobs.items()}, self.kappa)
+        def first(blobs: Blobs) -> Blobs:  # direct compression: theta = C(w), lambda = 0
+            theta = self.compress({n: b[0] for n, b in blobs.items()})
             return {n: own(b, self.bias[n]) + [theta[n], np.zeros(b[0].shape, np.float32)] for n, b in blobs.items()}
 
         def after(step: int) -> Callable[[Blobs], Blobs]:
@@ -106,24 +155,91 @@ class LearningCompression(Method):
                       {n: LayerRole("LC", {"mu": self.mu(k)}, state_blobs=2) for n in self.names},
                       first if k == 0 else after(k)) for k in range(self.steps)]
 
+    def compress(self, vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The C step's projection: the kappa largest magnitudes over the net."""
+        return top_kappa(vectors, self.kappa)
+
     def c_step(self, blobs: Blobs, step: int) -> tuple[dict, dict]:
         """The C step after L step `step` (its mu): theta and the updated multipliers."""
         return c_step({n: b[0] for n, b in blobs.items()}, {n: b[-1] for n, b in blobs.items()},
-                      self.mu(step), self.kappa)
+                      self.mu(step), self.kappa, self.compress)
 
     def export(self, blobs):
         theta, _ = self.c_step(blobs, self.steps - 1)
         return {n: stored_at(theta[n]) for n in self.names}
 
     @classmethod
+    def stored_bits(cls, options: dict) -> int:
+        """Bits the sizes are placed at: the codec's 8 for pruning alone."""
+        return STORE_BITS
+
+    @classmethod
     def operating_points(cls, place):
-        options = {"steps": cls.STEPS, "mu0": cls.MU0, "growth": cls.GROWTH, **place.options.get(cls.NAME, {})}
+        options = place.options.get(cls.NAME, {})
         n_all = sum(np.size(w) for w in place.weights.values())
         points = []
         for slot, tag, target, _ in place.targets():
-            kappa = round(place.bisect(lambda k: kept_plan(global_kept(place.weights, max(1, round(k))), STORE_BITS),
-                                       target, 1, n_all))
-            lc = dict(kappa=kappa, **options)
-            points.append(OperatingPoint(slot, f"{tag}: kappa {kappa:,} ({100 * kappa / n_all:.2f}%)",
-                                         lambda lc=lc: cls(cls.NAME, lc, names=place.layers, **lc)))
+            trials = []
+            for extra in cls.trial_settings():
+                settings = {**extra, **options}
+                bits = cls.stored_bits(settings)
+                kappa = round(place.bisect(lambda k: kept_plan(global_kept(place.weights, max(1, round(k))), bits),
+                                           target, 1, n_all))
+                lc = dict(kappa=kappa, **settings)
+                schedule = Schedule(lc["mu0"], lc["growth"], lc["steps"])
+                bits_label = f", {bits} bits" if "bits" in lc else ""
+                trials.append(Trial(f"{tag}: kappa {kappa:,} ({100 * kappa / n_all:.2f}%){bits_label}, "
+                                    f"{schedule.label()}",
+                                    lambda lc=lc: cls(cls.NAME, lc, names=place.layers, **lc)))
+            points.append(OperatingPoint(slot, tuple(trials)))
         return points
+
+    @classmethod
+    def trial_settings(cls) -> list[dict]:
+        return [{"steps": s.steps, "mu0": s.mu0, "growth": s.growth} for s in SCHEDULES]
+
+
+def quantized_top_kappa(vectors: dict[str, np.ndarray], kappa: int, bits: int) -> dict[str, np.ndarray]:
+    """The quantizing C step: top-kappa over the net, then each layer's kept values by k-means to 2**bits - 1
+    levels (Deep Compression's linear-initialised Lloyd)."""
+    return {n: shared_values(t, bits) for n, t in top_kappa(vectors, kappa).items()}
+
+
+def shared_values(theta: np.ndarray, bits: int) -> np.ndarray:
+    codes, codebook = share_weights(theta, theta != 0, bits)
+    return np.where(codes > 0, np.concatenate([[0.0], codebook])[codes], 0).astype(np.float32)
+
+
+@METHODS.register
+@dataclass
+class LCQuantized(LearningCompression):
+    """LC pruning whose C step also quantizes (the toolkit's `ConstraintL0Pruning` with a precision): the
+    budget of kappa non-zero weights over the net, each layer's kept weights on 2**bits - 1 k-means levels.
+    In `clipq compare` its trials are LC's schedules and bits BITS."""
+
+    NAME = "lc-quantized"
+    LABEL = "LC pruning + quantization"
+    BITS = (5, 4)
+
+    bits: int = 5
+
+    def compress(self, vectors):
+        return quantized_top_kappa(vectors, self.kappa, self.bits)
+
+    def export(self, blobs):
+        theta, _ = self.c_step(blobs, self.steps - 1)
+        return {n: self.stored(theta[n]) for n in self.names}
+
+    def stored(self, theta: np.ndarray) -> Stored:
+        codes, codebook = share_weights(theta, theta != 0, self.bits)
+        return Stored(codes, codebook, self.bits)
+
+    @classmethod
+    def stored_bits(cls, options):
+        return options["bits"]
+
+    @classmethod
+    def trial_settings(cls):
+        first, second = SCHEDULES[:2]
+        return [{"steps": s.steps, "mu0": s.mu0, "growth": s.growth, "bits": b}
+                for s, b in ((first, 5), (first, 4), (second, 5), (second, 4))]

@@ -143,6 +143,16 @@ class SubsetEvaluator:
         original_bits = 32 * sum(b.size for b in blobs)
         return (original_bits - 8 * len(payload)) / self.total_bits
 
+    def with_weights(self, replaced: dict[str, np.ndarray]) -> float:
+        """The metric with these layers' weights replaced (no fine-tuning); the weights are restored."""
+        try:
+            for name, w in replaced.items():
+                self.net.params[name][0].data[...] = w
+            return self.measure()
+        finally:
+            for name in replaced:
+                self.net.params[name][0].data[...] = self.original[name][0]
+
     def __call__(self, layer: str, p: float, bits: int) -> tuple[float, float]:
         """(the metric, c_i) of the net with `layer` pruned-quantized at (p, bits); the layer is restored."""
         weights = self.net.params[layer][0].data

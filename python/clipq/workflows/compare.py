@@ -15,13 +15,22 @@ also runs the paper's setting as published); DNS scales its paper's per-layer ke
 into a c_rate on the baseline weights; LC chooses the global kappa; uniform CLIP-Q takes one (p, b) for
 every layer; the sequential ablation takes CLIP-Q's plans themselves. Sizes after training move a little
 (DNS and LC decide their own sparsity); the table reports real bytes.
+
+Equal tuning. At every operating point every method gets the same number of fine-tuned trials (`trials`): the
+settings it offers (`OperatingPoint.trials`: DC's shapes and pruning rounds, DNS's surgery length, LC's mu
+schedules, uniform CLIP-Q's bits), topped up with learning-rate variants (LR_FACTORS) when it offers fewer. A
+trial fine-tunes `trial_share` of the iterations and is scored on the validation images only; the trial with
+the smallest validation drop runs again at the full budget, and only that run is scored on the test set.
+Evaluations without fine-tuning are free for every method (CLIP-Q's search, DC's sensitivity scan, the size
+bisections), all on the validation images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,9 +38,9 @@ import numpy as np
 
 from clipq.caffe import caffe_io
 from clipq.methods import METHODS
-from clipq.methods.base import Method, Placement
+from clipq.methods.base import OperatingPoint, Placement, Trial, with_lr
 from clipq.plan import LayerPlan, load_plan
-from clipq.search import budget
+from clipq.search import budget, job, subset_eval
 from clipq.search.log import read_histories
 from clipq.storage import size
 from clipq.util.atomic import atomic_write
@@ -57,6 +66,8 @@ class CompareConfig:
     matched: int = 2                    # baselines at the sizes of CLIP-Q's `matched` smallest points
     methods: tuple[str, ...] = METHODS.names()
     options: dict[str, dict] = field(default_factory=dict)  # per method: its knobs (e.g. {"lc": {"steps": 5}})
+    trials: int = 4                     # fine-tuned trials per method and operating point (1: no tuning)
+    trial_share: float = 0.25           # a trial's share of the fine-tuning iterations
 
     def check(self) -> None:
         self.compress.check()
@@ -70,14 +81,31 @@ class CompareConfig:
             raise ClipqError("--methods must include clipq: the other methods are placed at its sizes")
         if not self.targets or any(t <= 1 for t in self.targets):
             raise ClipqError(f"--targets must be compression rates above 1, got {self.targets}")
+        if self.trials < 1 or not 0 < self.trial_share <= 1:
+            raise ClipqError(f"--trials must be at least 1 and --trial-share in (0, 1], got {self.trials} and "
+                             f"{self.trial_share}")
+
+
+LR_FACTORS = (2.0, 0.5, 4.0, 0.25)  # learning-rate variants that top up a method's own trials
 
 
 @dataclass(frozen=True)
 class Point:
     method: str        # a registered method's NAME
     slot: str          # which operating point, the same across seeds: "CLIP-Q point 2", "paper setting", ...
-    label: str         # the operating point's settings, for the table
-    make: Callable[[], Method]
+    trials: tuple[Trial, ...]  # the settings tried, each at the trials' length
+    final: tuple[Trial, ...]   # the same settings at the full length (the chosen one runs)
+
+
+def tuned(trials: tuple[Trial, ...], count: int) -> tuple[Trial, ...]:
+    """`count` trials: the method's own first, then learning-rate variants of them (LR_FACTORS, in order)."""
+    out = list(trials[:count])
+    for factor in LR_FACTORS:
+        for trial in trials:
+            if len(out) == count:
+                return tuple(out)
+            out.append(Trial(f"{trial.label}, lr x{factor:g}", lambda t=trial, f=factor: with_lr(t.make(), f)))
+    return tuple(out)
 
 
 def clipq_points(histories: dict, sizes: SizeModel, targets: tuple[float, ...]) -> list[dict[str, LayerPlan]]:
@@ -90,14 +118,45 @@ def clipq_points(histories: dict, sizes: SizeModel, targets: tuple[float, ...]) 
     return [plans[i] for i in chosen]
 
 
-def operating_points(config: CompareConfig, net_name: str, sizes: SizeModel, histories: dict,
-                     iterations: int) -> list[Point]:
-    """Every method's operating points, each placed by the method's own size knob (module docstring)."""
+def operating_points(config: CompareConfig, net_name: str, sizes: SizeModel, histories: dict, iterations: int,
+                     error_of) -> list[Point]:
+    """Every method's operating points, each placed by the method's own size knob (module docstring), with its
+    trials at the trials' length and at the full length."""
     place = Placement(net_name, {n: sizes.blobs[n][0] for n in sizes.layers},
                       clipq_points(histories, sizes, config.targets), config.matched, sizes.bytes, sizes.original,
-                      iterations, config.compress.settings.seed, config.options)
-    return [Point(name, point.slot, point.label, point.make)
-            for name in config.methods for point in METHODS[name].operating_points(place)]
+                      iterations, config.compress.settings.seed, config.options, error_of)
+    short = replace(place, iterations=trial_iterations(config, iterations))
+    points = []
+    for name in config.methods:
+        full: list[OperatingPoint] = METHODS[name].operating_points(place)
+        trial: list[OperatingPoint] = METHODS[name].operating_points(short) if config.trials > 1 else full
+        points += [Point(name, f.slot, tuned(t.trials, config.trials), tuned(f.trials, config.trials))
+                   for f, t in zip(full, trial)]
+    return points
+
+
+def trial_iterations(config: CompareConfig, iterations: int) -> int:
+    return max(1, round(iterations * config.trial_share))
+
+
+def held_out_error(config: CompareConfig, out: Path, log) -> Callable[[dict[str, np.ndarray]], float]:
+    """Top-1 error (%) on a subset of the validation images with some layers' weights replaced, no fine-tuning
+    (memoised on the weights' bytes): the free evaluations a method's placement may use."""
+    cc = config.compress
+    settings = replace(cc.settings, metric="error")
+    scan_job, _ = job.prepare(cc.model, cc.weights, out / "sensitivity", None, settings, str(cc.val), log)
+    evaluator = subset_eval.SubsetEvaluator(scan_job.eval_prototxt, cc.weights, scan_job.blobs,
+                                            scan_job.settings.subset, "error")
+    memo: dict[str, float] = {}
+
+    def error_of(replaced: dict[str, np.ndarray]) -> float:
+        key = hashlib.sha256(b"".join(n.encode() + np.ascontiguousarray(w, np.float32).tobytes()
+                                      for n, w in sorted(replaced.items()))).hexdigest()
+        if key not in memo:
+            memo[key] = evaluator.with_weights(replaced)
+        return memo[key]
+
+    return error_of
 
 
 def run(config: CompareConfig, log=print) -> dict:
@@ -118,27 +177,43 @@ def _compare(config: CompareConfig, log) -> dict:
     sizes = SizeModel(Path(cc.weights), layers)
     solver = caffe_io.read_text_proto(cc.solver, "SolverParameter", "solver prototxt")
     iterations = cc.max_iter or solver.max_iter
-    points = operating_points(config, net.name, sizes, read_histories(out, layers), iterations)
+    points = operating_points(config, net.name, sizes, read_histories(out, layers), iterations,
+                              held_out_error(config, out, log))
     baseline_correct = np.load(out / "baseline_val_correct.npy")
+    short = replace(cc, max_iter=trial_iterations(config, iterations))
     rows = []
     for number, point in enumerate(points, 1):
         work = out / "runs" / f"{number:02d}-{point.method}"
-        log(f"[compare {number}/{len(points)}] {METHODS[point.method].LABEL}, {point.label}")
-        result = pipeline.compress_method(cc, nets, pipeline.Stages(work), point.make(), Path(cc.weights), log)
+        label = METHODS[point.method].LABEL
+        tried = []
+        if len(point.trials) > 1:
+            for k, trial in enumerate(point.trials, 1):
+                log(f"[compare {number}/{len(points)}, trial {k}/{len(point.trials)}] {label}, {trial.label}")
+                result = pipeline.compress_method(short, nets, pipeline.Stages(work / "trials" / str(k)), trial.make(),
+                                                  Path(cc.weights), log, test=False)
+                drop = budget.paired_drop(baseline_correct, np.load(work / "trials" / str(k) / "val_correct.npy"))
+                tried.append({"label": trial.label, "val_drop": drop.points, "val_drop_se": drop.se,
+                              "seconds": round(sum(result["seconds"].values()), 1)})
+        chosen = int(np.argmin([t["val_drop"] for t in tried])) if tried else 0
+        final = point.final[chosen]
+        log(f"[compare {number}/{len(points)}] {label}, {final.label}")
+        result = pipeline.compress_method(cc, nets, pipeline.Stages(work), final.make(), Path(cc.weights), log)
         drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
         _, stored = compressed_model.read_file(result["clipq"])
-        rows.append({"method": point.method, "label": METHODS[point.method].LABEL, "slot": point.slot,
-                     "point": point.label,
+        rows.append({"method": point.method, "label": label, "slot": point.slot, "point": final.label,
                      "bytes": result["clipq_bytes"], "rate": size.overall(stored).original / result["clipq_bytes"],
                      "test_top1": result["scores"]["decoded"]["accuracy"],
                      "test_drop": 100 * (baseline["test"]["accuracy"] - result["scores"]["decoded"]["accuracy"]),
                      "val_drop": drop.points, "val_drop_se": drop.se, "iterations": iterations,
-                     "seconds": round(sum(result["seconds"].values()), 1), "dir": str(work)})
+                     "trials": tried, "chosen": chosen + 1,
+                     "seconds": round(sum(result["seconds"].values()) + sum(t["seconds"] for t in tried), 1),
+                     "dir": str(work)})
     report = {"model": str(cc.model), "net": net.name, "seed": cc.settings.seed, "weights": str(cc.weights),
               "solver": str(cc.solver), "iterations": iterations,
               "baseline": {"test_top1": baseline["test"]["accuracy"],
                                                      "val_top1": baseline["val"]["accuracy"]},
               "settings": asdict(cc.settings), "targets": list(config.targets), "rows": rows,
+              "trials": config.trials, "trial_iterations": trial_iterations(config, iterations) if config.trials > 1 else 0,
               "seconds": round(sum(stages.seconds().values()) + sum(r["seconds"] for r in rows), 1)}
     plot(report, out / "plots" / "compare.png")
     with atomic_write(out / "compare.json") as f:
@@ -202,17 +277,34 @@ def plot(report: dict, path: Path) -> None:
     save_png(fig, path, dpi=110)
 
 
+def tuning_sentence(report: dict) -> str:
+    if not report.get("trial_iterations"):
+        return "One run per method and operating point (no tuning trials)."
+    return (f"Every method and operating point had {report['trials']} fine-tuned trials of "
+            f"{report['trial_iterations']:,} iterations, scored on the validation images only; the trial with the "
+            "smallest validation drop ran again at the full length and is the row (column `trial`).")
+
+
 def markdown(report: dict) -> str:
     lines = [f"# {report['net']}: CLIP-Q and the baselines ({report['model']})", "",
              f"Baseline test top-1 {100 * report['baseline']['test_top1']:.2f}%; every method fine-tunes "
              f"{report['iterations']:,} iterations with {report['solver']}; sizes are `.clipq` files; drops in "
              "top-1 points (validation: mean +- standard error over the held-out images).", "",
-             "| method | operating point | bytes | rate | test top-1 | test drop | val drop | iterations | time |",
+             tuning_sentence(report), "",
+             "| method | operating point | bytes | rate | test top-1 | test drop | val drop | trial | time |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         lines.append(f"| {r['label']} | {r['point']} | {r['bytes']:,} | {r['rate']:.1f}x | "
                      f"{100 * r['test_top1']:.2f}% | {r['test_drop']:+.2f} | {r['val_drop']:+.2f} +- "
-                     f"{r['val_drop_se']:.2f} | {r['iterations']:,} | {r['seconds']:.0f} s |")
+                     f"{r['val_drop_se']:.2f} | {r.get('chosen', 1)} of {max(len(r.get('trials', [])), 1)} | "
+                     f"{r['seconds']:.0f} s |")
+    tuned_rows = [r for r in report["rows"] if r.get("trials")]
+    if tuned_rows:
+        lines += ["", "The trials (validation drop after the trial's iterations; the chosen one in bold):", ""]
+        for r in tuned_rows:
+            lines.append(f"- {r['label']}, {r['slot']}:")
+            lines += [f"  - {'**' if k == r['chosen'] else ''}{t['label']}: {t['val_drop']:+.2f} +- "
+                      f"{t['val_drop_se']:.2f}{'**' if k == r['chosen'] else ''}" for k, t in enumerate(r["trials"], 1)]
     lines += ["", "The paper's Table 4 (AlexNet on ImageNet, as printed):", "",
               "| method | top-1 change | size |", "|---|---:|---:|"]
     lines += [f"| {m} | {d} | {s} |" for m, d, s in PAPER_TABLE4]

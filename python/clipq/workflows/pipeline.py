@@ -215,11 +215,12 @@ def _trainer(config: CompressConfig) -> Callable[..., Path]:
 
 
 def finetune_solver(config: CompressConfig, net: Path, work: Path, val_entries: int | None,
-                    share: float = 1.0) -> Path:
+                    share: float = 1.0, lr: float = 1.0) -> Path:
     """The user's solver pointed at the CLIP-Q net, snapshotting under work/finetune/, seeded by the
     search's seed; with validation data, its periodic test (if any) covers the validation LMDB once.
-    `share` < 1: a phase with that part of the iterations (`scale_schedule`)."""
+    `share` < 1: a phase with that part of the iterations (`scale_schedule`); `lr`: base_lr multiplied."""
     param = caffe_io.read_text_proto(config.solver, "SolverParameter", "solver prototxt")
+    param.base_lr *= lr
     param.net = str(net.resolve())
     param.ClearField("train_net")
     param.snapshot_prefix = str((work / "finetune" / "clipq").resolve())
@@ -236,7 +237,8 @@ def finetune_solver(config: CompressConfig, net: Path, work: Path, val_entries: 
     path = work / "finetune_solver.prototxt"
     with atomic_write(path) as f:
         f.write(f"# {config.solver} for `clipq compress` (net, snapshot_prefix, random_seed"
-                f"{', test_iter' if val_entries and len(param.test_iter) else ''} replaced"
+                f"{', test_iter' if val_entries and len(param.test_iter) else ''}"
+                f"{f', base_lr x{lr:g}' if lr != 1.0 else ''} replaced"
                 f"{f'; schedule scaled to {share:g} of it' if share != 1.0 else ''})\n{param}")
     return path
 
@@ -431,7 +433,7 @@ def run_phase(config: CompressConfig, nets: Nets, stages: Stages, method, phase,
                lambda: write_method_net(nets.train, phase, title, train_net), log)
     val_entries = caffe_io.lmdb_entries(config.val) if config.val is not None else None
     finetuned = work / "finetuned.caffemodel"
-    solver = finetune_solver(config, train_net, work, val_entries, phase.share)
+    solver = finetune_solver(config, train_net, work, val_entries, phase.share, method.lr)
     finetune_in = {"net": file_id(train_net), "solver": file_id(solver), "init": file_id(start)}
 
     def finetune():
@@ -443,10 +445,12 @@ def run_phase(config: CompressConfig, nets: Nets, stages: Stages, method, phase,
     return test_net, finetuned
 
 
-def compress_method(config: CompressConfig, nets: Nets, stages: Stages, method, init_weights: Path, log) -> dict:
+def compress_method(config: CompressConfig, nets: Nets, stages: Stages, method, init_weights: Path, log,
+                    test: bool = True) -> dict:
     """A compression method (`clipq.methods`) through its fine-tuning phases in Caffe, then encode (its export,
     in the .clipq codec) -> decode -> evaluate, in the directory of `stages` (resumable stage by stage). A
-    single-phase method works in that directory itself, a multi-phase one in a subdirectory per phase."""
+    single-phase method works in that directory itself, a multi-phase one in a subdirectory per phase.
+    `test` False: only the validation images are scored (a tuning trial never sees the test set)."""
     work = stages.path.parent
     plain = caffe_io.read_net_param(nets.test)
     method.bias = {layer.name: convert.own_blobs(layer) == 2 for layer in plain.layer if layer.name in method.layers()}
@@ -474,14 +478,16 @@ def compress_method(config: CompressConfig, nets: Nets, stages: Stages, method, 
 
     def evaluate():
         # One net at a time: the rc3 fallback build cannot have two nets reading one LMDB at once.
-        scores = {"method_net": caffe_io.evaluate(test_net, weights), "decoded": caffe_io.evaluate(nets.test, decoded)}
+        scores = ({"method_net": caffe_io.evaluate(test_net, weights), "decoded": caffe_io.evaluate(nets.test, decoded)}
+                  if test else {})
         if nets.val is not None:
             scores["decoded_val"] = score_val(nets.val, decoded, work / "val_correct.npy")
         return scores
 
     outputs = [work / "val_correct.npy"] if nets.val is not None else []
     scores = stages.run("evaluate", {"decoded": file_id(decoded), "trained": file_id(weights),
-                                     "val": str(config.val)}, outputs, evaluate, log)
+                                     "val": str(config.val), **({} if test else {"test": False})},
+                        outputs, evaluate, log)
     return {"scores": scores, "clipq": str(packed), "decoded": str(decoded), "clipq_bytes": packed.stat().st_size,
             "trained": str(weights), "seconds": stages.seconds()}
 
