@@ -281,6 +281,41 @@ def resnet50_body(n, bottom):
     return n.fc1000
 
 
+RESNET20_STAGES = ((2, 16), (3, 32), (4, 64))  # stage, width: three basic blocks each (He et al.'s CIFAR ResNet-20)
+
+
+def _basic_block(n, bottom, block: str, width: int, stride: int, project: bool):
+    """Basic block `res{block}`: branch2 is two 3x3 convolutions (the first with the block's stride), branch1 the
+    identity or, with `project`, a strided 1x1 projection; their sum goes through ReLU `res{block}_relu`."""
+
+    shortcut = bottom
+    if project:
+        shortcut = _conv_bn(n, bottom, f"res{block}_branch1", f"{block}_branch1", width, 1, stride)
+    x = _conv_bn(n, bottom, f"res{block}_branch2a", f"{block}_branch2a", width, 3, stride, pad=1, relu=True)
+    x = _conv_bn(n, x, f"res{block}_branch2b", f"{block}_branch2b", width, 3, pad=1)
+    n[f"res{block}"] = L.Eltwise(shortcut, x)
+    n[f"res{block}_relu"] = L.ReLU(n[f"res{block}"], in_place=True)
+    return n[f"res{block}_relu"]
+
+
+def resnet20_body(n, bottom):
+    """He et al.'s ResNet-20 (CIFAR shape) for 28x28 Fashion-MNIST: conv1 3x3x16, three stages of three basic
+    blocks (16, 32, 64 channels; 28, 14, 7 pixels), a strided 1x1 projection where the shape changes (so 21
+    convolutions), global average pooling and fc (10 classes): 0.27M weights, a net where per-layer allocation
+    matters (`make compare-resnet20`)."""
+
+    x = _conv_bn(n, bottom, "conv1", "_conv1", 16, 3, pad=1, relu=True)
+    in_width = 16
+    for stage, width in RESNET20_STAGES:
+        for i in range(3):
+            stride = 2 if i == 0 and stage > 2 else 1
+            x = _basic_block(n, x, f"{stage}{'abc'[i]}", width, stride, project=i == 0 and width != in_width)
+        in_width = width
+    n.pool = L.Pooling(x, pool=P.Pooling.AVE, global_pooling=True)
+    n.fc = L.InnerProduct(n.pool, num_output=10, **_learned(dict(type="msra"), bias=0))
+    return n.fc
+
+
 def _data_layer(phase, source: str, batch: int, transform_param: dict):
 
     return L.Data(include=dict(phase=phase), transform_param=transform_param,
@@ -354,6 +389,7 @@ NETS = {  # directory under prototxt/ -> (net name, body, data, auxiliary classi
     "alexnet": ("AlexNet", alexnet_body, ALEXNET_DATA, None),
     "googlenet": ("GoogleNet", googlenet_body, GOOGLENET_DATA, googlenet_aux),
     "resnet50": ("ResNet-50", resnet50_body, RESNET50_DATA, None),
+    "resnet20": ("ResNet20", resnet20_body, FASHION_MNIST_DATA, None),
 }
 
 

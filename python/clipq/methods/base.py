@@ -192,6 +192,7 @@ class Method:
     NAME: ClassVar[str] = ""
     LABEL: ClassVar[str] = ""
     LAYER_KINDS: ClassVar[tuple[str, ...]] = ()
+    QUANTIZES: ClassVar[bool] = True   # False: stored at STORE_BITS linear levels (`Unquantized`)
 
     name: str
     settings: dict
@@ -211,6 +212,24 @@ class Method:
     def operating_points(cls, place: Placement) -> list[OperatingPoint]:
         """The method's runs in `clipq compare`: by default none (a method must say how to size itself)."""
         return []
+
+
+@dataclass
+class Unquantized(Method):
+    """A method that prunes but does not quantize: its trained weights are stored at STORE_BITS linear levels per
+    layer, or at `store_bits[layer]` (bits chosen after training, `clipq compare`'s "bits after training" rows).
+    Subclasses say what the trained weights are (`pruned_weights`)."""
+
+    QUANTIZES = False
+
+    store_bits: dict[str, int] = field(default_factory=dict)
+
+    def pruned_weights(self, blobs: Blobs) -> dict[str, np.ndarray]:
+        """The model's weights, float, zeros where pruned, from the trained blobs."""
+        raise NotImplementedError
+
+    def export(self, blobs):
+        return {n: stored_at(w, self.store_bits.get(n, STORE_BITS)) for n, w in self.pruned_weights(blobs).items()}
 
 
 @dataclass

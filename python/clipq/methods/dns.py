@@ -19,15 +19,14 @@ from clipq.methods.base import (
     STORE_BITS,
     Blobs,
     LayerRole,
-    Method,
     OperatingPoint,
     Phase,
     Trial,
+    Unquantized,
     kept_plan,
     own,
     published,
     scaled,
-    stored_at,
 )
 from clipq.methods.registry import METHODS
 
@@ -80,7 +79,7 @@ PAPER_KEEP = {
 
 @METHODS.register
 @dataclass
-class Surgery(Method):
+class Surgery(Unquantized):
     """Dynamic Network Surgery: c_rate per layer; surgery until `iter_stop` (an iteration of its phase). In
     `clipq compare` it runs at CLIP-Q's sizes with its paper's kept fractions scaled by one factor, each turned
     into a c_rate on the baseline weights, and surgery for the first STOPS[i] of the iterations (one trial each;
@@ -113,8 +112,8 @@ class Surgery(Method):
 
         return [Phase("surgery", 1.0, roles, start)]
 
-    def export(self, blobs):
-        return {n: stored_at(blobs[n][0] * blobs[n][-2]) for n in self.c_rates}
+    def pruned_weights(self, blobs):
+        return {n: blobs[n][0] * blobs[n][-2] for n in self.c_rates}
 
     @classmethod
     def operating_points(cls, place):

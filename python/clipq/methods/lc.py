@@ -23,14 +23,13 @@ from clipq.methods.base import (
     STORE_BITS,
     Blobs,
     LayerRole,
-    Method,
     OperatingPoint,
     Phase,
     Stored,
     Trial,
+    Unquantized,
     kept_plan,
     own,
-    stored_at,
 )
 from clipq.methods.deep_compression import share_weights
 from clipq.methods.registry import METHODS
@@ -119,7 +118,7 @@ SCHEDULES = (Schedule.spanning(1e-3, 30.0, 15), Schedule.spanning(1e-2, 30.0, 10
 
 @METHODS.register
 @dataclass
-class LearningCompression(Method):
+class LearningCompression(Unquantized):
     """LC pruning with a budget of kappa non-zero weights over `names`: `steps` L steps, mu_k = mu0 a^k. In
     `clipq compare` it runs at CLIP-Q's sizes with the global kappa chosen by size, one trial per schedule of
     SCHEDULES."""
@@ -164,9 +163,10 @@ class LearningCompression(Method):
         return c_step({n: b[0] for n, b in blobs.items()}, {n: b[-1] for n, b in blobs.items()},
                       self.mu(step), self.kappa, self.compress)
 
-    def export(self, blobs):
+    def pruned_weights(self, blobs):
+        """The final C step's theta (the model)."""
         theta, _ = self.c_step(blobs, self.steps - 1)
-        return {n: stored_at(theta[n]) for n in self.names}
+        return theta
 
     @classmethod
     def stored_bits(cls, options: dict) -> int:
@@ -215,11 +215,11 @@ def shared_values(theta: np.ndarray, bits: int) -> np.ndarray:
 class LCQuantized(LearningCompression):
     """LC pruning whose C step also quantizes (the toolkit's `ConstraintL0Pruning` with a precision): the
     budget of kappa non-zero weights over the net, each layer's kept weights on 2**bits - 1 k-means levels.
-    In `clipq compare` its trials are LC's schedules and bits BITS."""
+    In `clipq compare` its trials are LC's first two schedules at 5 and 4 bits."""
 
     NAME = "lc-quantized"
     LABEL = "LC pruning + quantization"
-    BITS = (5, 4)
+    QUANTIZES = True
 
     bits: int = 5
 
@@ -227,8 +227,7 @@ class LCQuantized(LearningCompression):
         return quantized_top_kappa(vectors, self.kappa, self.bits)
 
     def export(self, blobs):
-        theta, _ = self.c_step(blobs, self.steps - 1)
-        return {n: self.stored(theta[n]) for n in self.names}
+        return {n: self.stored(theta) for n, theta in self.pruned_weights(blobs).items()}
 
     def stored(self, theta: np.ndarray) -> Stored:
         codes, codebook = share_weights(theta, theta != 0, self.bits)

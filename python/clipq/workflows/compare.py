@@ -36,9 +36,9 @@ from typing import Callable
 
 import numpy as np
 
-from clipq.caffe import caffe_io
+from clipq.caffe import caffe_io, caffemodel
 from clipq.methods import METHODS
-from clipq.methods.base import OperatingPoint, Placement, Trial, with_lr
+from clipq.methods.base import STORE_BITS, Method, OperatingPoint, Placement, Trial, stored_at, with_lr
 from clipq.plan import LayerPlan, load_plan
 from clipq.search import budget, job, subset_eval
 from clipq.search.log import read_histories
@@ -87,6 +87,8 @@ class CompareConfig:
 
 
 LR_FACTORS = (2.0, 0.5, 4.0, 0.25)  # learning-rate variants that top up a method's own trials
+BITS_TOLERANCE = 0.1  # validation top-1 points fewer bits may lose against STORE_BITS (the "bits after training" rows)
+FEWEST_BITS = 2
 
 
 @dataclass(frozen=True)
@@ -198,16 +200,13 @@ def _compare(config: CompareConfig, log) -> dict:
         final = point.final[chosen]
         log(f"[compare {number}/{len(points)}] {label}, {final.label}")
         result = pipeline.compress_method(cc, nets, pipeline.Stages(work), final.make(), Path(cc.weights), log)
-        drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
-        _, stored = compressed_model.read_file(result["clipq"])
-        rows.append({"method": point.method, "label": label, "slot": point.slot, "point": final.label,
-                     "bytes": result["clipq_bytes"], "rate": size.overall(stored).original / result["clipq_bytes"],
-                     "test_top1": result["scores"]["decoded"]["accuracy"],
-                     "test_drop": 100 * (baseline["test"]["accuracy"] - result["scores"]["decoded"]["accuracy"]),
-                     "val_drop": drop.points, "val_drop_se": drop.se, "iterations": iterations,
-                     "trials": tried, "chosen": chosen + 1,
-                     "seconds": round(sum(result["seconds"].values()) + sum(t["seconds"] for t in tried), 1),
-                     "dir": str(work)})
+        row = {"method": point.method, "label": label, "slot": point.slot, "point": final.label,
+               **scored(result, baseline, baseline_correct, work), "iterations": iterations,
+               "trials": tried, "chosen": chosen + 1,
+               "seconds": round(sum(result["seconds"].values()) + sum(t["seconds"] for t in tried), 1), "dir": str(work)}
+        rows.append(row)
+        if not METHODS[point.method].QUANTIZES:
+            rows.append(rebit_row(config, nets, final.make(), result, row, baseline, baseline_correct, log))
     report = {"model": str(cc.model), "net": net.name, "seed": cc.settings.seed, "weights": str(cc.weights),
               "solver": str(cc.solver), "iterations": iterations,
               "baseline": {"test_top1": baseline["test"]["accuracy"],
@@ -221,6 +220,67 @@ def _compare(config: CompareConfig, log) -> dict:
     with atomic_write(out / "compare.md") as f:
         f.write(markdown(report))
     return report
+
+
+def scored(result: dict, baseline: dict, baseline_correct: np.ndarray, work: Path) -> dict:
+    """A run's size and scores as a table row has them."""
+    drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
+    _, stored = compressed_model.read_file(result["clipq"])
+    return {"bytes": result["clipq_bytes"], "rate": size.overall(stored).original / result["clipq_bytes"],
+            "test_top1": result["scores"]["decoded"]["accuracy"],
+            "test_drop": 100 * (baseline["test"]["accuracy"] - result["scores"]["decoded"]["accuracy"]),
+            "val_drop": drop.points, "val_drop_se": drop.se}
+
+
+def rebit_row(config: CompareConfig, nets, method: Method, result: dict, row: dict, baseline: dict,
+              baseline_correct: np.ndarray, log) -> dict:
+    """The row of a method that does not quantize stored with each layer's bits chosen after training
+    (`bits_after_training`) instead of STORE_BITS: the same trained weights, encoded again."""
+    cc = config.compress
+    work = Path(row["dir"]) / "bits_after_training"
+    stages = pipeline.Stages(work)
+    bits = stages.run("choose-bits", {"trained": pipeline.file_id(Path(result["trained"])),
+                                      "decoded": pipeline.file_id(Path(result["decoded"])),
+                                      "tolerance": BITS_TOLERANCE}, [],
+                      lambda: bits_after_training(cc, method, result, work), log)
+    method.store_bits = bits
+    method.settings = {**method.settings, "store_bits": bits}
+    pipeline.set_biases(method, nets)
+    rebit = pipeline.package(cc, nets, stages, method, Path(result["trained"]), Path(result["test_net"]), log)
+    return {**row, "label": f"{row['label']}, bits after training", "slot": f"{row['slot']}, bits after training",
+            "point": f"{row['point']}; bits " + " ".join(f"{n} {b}" for n, b in bits.items()),
+            **scored(rebit, baseline, baseline_correct, work), "trials": [],
+            "seconds": round(sum(stages.seconds().values()), 1), "dir": str(work)}
+
+
+def bits_after_training(cc, method, result: dict, work: Path) -> dict[str, int]:
+    """Per layer, in net order, the fewest bits (linear levels) whose model loses at most BITS_TOLERANCE points of
+    validation top-1 against the STORE_BITS one, the earlier layers' choices kept."""
+    trained = {w.name: w.blobs for w in caffemodel.read(result["trained"]) if w.name in method.layers()}
+    weights = method.pruned_weights(trained)
+    evaluator = validation_evaluator(cc, Path(result["decoded"]), work)
+    reference = evaluator.with_weights({})
+    chosen: dict[str, int] = {}
+    for name in weights:
+        for bits in range(FEWEST_BITS, STORE_BITS + 1):
+            candidate = {**chosen, name: bits}
+            replaced = {n: stored_at(weights[n], b).weights for n, b in candidate.items()}
+            if bits == STORE_BITS or evaluator.with_weights(replaced) <= reference + BITS_TOLERANCE:
+                chosen[name] = bits
+                break
+    return chosen
+
+
+def validation_evaluator(cc, weights: Path, work: Path) -> subset_eval.SubsetEvaluator:
+    """Top-1 error on the whole validation LMDB (to a multiple of the eval batch) with `weights`."""
+    entries = caffe_io.lmdb_entries(cc.val, "validation LMDB (--val)")
+    count = entries if entries <= subset_eval.EVAL_BATCH else entries - entries % subset_eval.EVAL_BATCH
+    net, blobs = subset_eval.eval_net_param(caffe_io.read_net_param(cc.model), Path(cc.val).resolve(), count,
+                                            str(cc.model))
+    prototxt = work / "val_net.prototxt"
+    with atomic_write(prototxt) as f:
+        f.write(str(net))
+    return subset_eval.SubsetEvaluator(prototxt, weights, blobs, count, "error")
 
 
 def frontier(rows: list[dict]) -> list[dict]:

@@ -452,15 +452,29 @@ def compress_method(config: CompressConfig, nets: Nets, stages: Stages, method, 
     single-phase method works in that directory itself, a multi-phase one in a subdirectory per phase.
     `test` False: only the validation images are scored (a tuning trial never sees the test set)."""
     work = stages.path.parent
-    plain = caffe_io.read_net_param(nets.test)
-    method.bias = {layer.name: convert.own_blobs(layer) == 2 for layer in plain.layer if layer.name in method.layers()}
+    set_biases(method, nets)
     phases = method.phases()
     weights = Path(init_weights)
     for phase in phases:
         single = len(phases) == 1
         test_net, weights = run_phase(config, nets, stages, method, phase, work if single else work / phase.name,
                                       weights, "" if single else f"{phase.name}/", log)
+    return {**package(config, nets, stages, method, weights, test_net, log, test), "test_net": str(test_net)}
 
+
+def set_biases(method: Method, nets: Nets) -> None:
+    """Tell the method which of its layers have a bias blob (from the plain net)."""
+    plain = caffe_io.read_net_param(nets.test)
+    method.bias = {layer.name: convert.own_blobs(layer) == 2 for layer in plain.layer if layer.name in method.layers()}
+
+
+def package(config: CompressConfig, nets: Nets, stages: Stages, method, weights: Path, test_net: Path, log,
+            test: bool = True) -> dict:
+    """A trained method caffemodel through encode (the method's export, in the .clipq codec) -> decode ->
+    evaluate (the method net `test_net` and the decoded plain net on the test set unless `test` is False; the
+    decoded one on the validation set), in the directory of `stages`."""
+    work = stages.path.parent
+    plain = caffe_io.read_net_param(nets.test)
     packed = work / "model.clipq"
 
     def encode():
