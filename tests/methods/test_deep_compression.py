@@ -100,3 +100,12 @@ def test_iterative_pruning_steps_the_kept_fraction_geometrically_and_never_unpru
         masks.append(blobs["w"][-1] > 0)
     assert [int(m.sum()) for m in masks] == [32, 16, 8]
     assert all(not (later & ~earlier).any() for earlier, later in zip(masks, masks[1:]))
+
+
+def test_compare_tries_the_papers_shape_in_one_and_three_rounds_then_the_scans():
+    from clipq.methods.base import Trial
+    paper = [Trial(f"paper r{r}", lambda: None) for r in dc.ROUNDS]
+    scan = [Trial(f"scan r{r}", lambda: None) for r in dc.ROUNDS]
+    labels = [t.label for t in dc.DeepCompression.ordered([paper, scan])]
+    assert labels == ["paper r1", "paper r3", "paper r3, lr x2", "scan r3", "scan r1"]
+    assert [t.label for t in dc.DeepCompression.ordered([paper])] == ["paper r1", "paper r3"]

@@ -59,3 +59,9 @@ def test_the_quantizing_c_step_keeps_kappa_weights_on_at_most_2_to_the_b_minus_1
     for name, t in theta.items():
         assert len(np.unique(t[t != 0])) <= 3
         assert np.array_equal(t != 0, plain[name] != 0)  # the same support as the pruning C step
+
+
+def test_one_of_lcs_compare_trials_runs_the_toolkits_mu_range():
+    ranges = [(s.mus()[0], s.mus()[-1]) for s, _ in lc.TRIALS]
+    assert (pytest.approx(9e-5), pytest.approx(lc.TOOLKIT.mus()[-1])) in ranges
+    assert 10 <= max(s.steps for s, _ in lc.TRIALS) <= 20

@@ -181,6 +181,11 @@ def with_lr(method: Method, factor: float) -> Method:
     return method
 
 
+def lr_variant(trial: Trial, factor: float) -> Trial:
+    """The trial with the solver's base_lr multiplied by `factor`."""
+    return Trial(f"{trial.label}, lr x{factor:g}", lambda: with_lr(trial.make(), factor))
+
+
 # --- the method --------------------------------------------------------------------------------------
 
 @dataclass

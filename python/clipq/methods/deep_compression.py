@@ -26,6 +26,7 @@ from clipq.methods.base import (
     PruneThenShare,
     Trial,
     kept_plan,
+    lr_variant,
     plan_label,
     published,
     scaled,
@@ -167,7 +168,7 @@ class DeepCompression(PruneThenShare):
     """Deep Compression: magnitude mask, k-means codebook. In `clipq compare` it runs at its paper's LeNet
     setting as published, and at CLIP-Q's sizes with kept fractions scaled by one factor from two shapes (the
     paper's, and the sensitivity scan's at the tolerance whose plan is nearest the size, with the scan's bits),
-    each pruned in one round and in ROUNDS[-1]."""
+    pruned in one round and in ROUNDS[-1] (`ordered`)."""
 
     NAME = "deep-compression"
     LABEL = "Deep Compression"
@@ -199,9 +200,19 @@ class DeepCompression(PruneThenShare):
             for name, keep, bits in shapes:
                 factor = place.bisect(lambda f: kept_plan(scaled(keep, f), bits), target, 1e-3, 1 / min(keep.values()))
                 plan = kept_plan(scaled(keep, factor), bits)
-                trials += [cls.trial(f"{tag}, {name}", plan, rounds) for rounds in ROUNDS]
-            points.append(OperatingPoint(slot, tuple(trials)))
+                trials.append([cls.trial(f"{tag}, {name}", plan, rounds) for rounds in ROUNDS])
+            points.append(OperatingPoint(slot, cls.ordered(trials)))
         return points
+
+    @staticmethod
+    def ordered(trials: list[list[Trial]]) -> tuple[Trial, ...]:
+        """The paper's shape in one round and in ROUNDS[-1], the latter at twice the learning rate, then the
+        scan's shape in ROUNDS[-1] (in `clipq compare`'s first four trials; the rest follow)."""
+        paper = trials[0]
+        if len(trials) == 1:
+            return tuple(paper)
+        scan = trials[1]
+        return (paper[0], paper[-1], lr_variant(paper[-1], 2.0), scan[-1], *scan[:-1])
 
     @classmethod
     def trial(cls, label: str, plan: Plan, rounds: int) -> Trial:

@@ -38,7 +38,7 @@ import numpy as np
 
 from clipq.caffe import caffe_io, caffemodel
 from clipq.methods import METHODS
-from clipq.methods.base import STORE_BITS, Method, OperatingPoint, Placement, Trial, stored_at, with_lr
+from clipq.methods.base import STORE_BITS, Method, OperatingPoint, Placement, Trial, lr_variant, stored_at
 from clipq.plan import LayerPlan, load_plan
 from clipq.search import budget, job, subset_eval
 from clipq.search.log import read_histories
@@ -106,7 +106,7 @@ def tuned(trials: tuple[Trial, ...], count: int) -> tuple[Trial, ...]:
         for trial in trials:
             if len(out) == count:
                 return tuple(out)
-            out.append(Trial(f"{trial.label}, lr x{factor:g}", lambda t=trial, f=factor: with_lr(t.make(), f)))
+            out.append(lr_variant(trial, factor))
     return tuple(out)
 
 
@@ -249,7 +249,7 @@ def rebit_row(config: CompareConfig, nets, method: Method, result: dict, row: di
     rebit = pipeline.package(cc, nets, stages, method, Path(result["trained"]), Path(result["test_net"]), log)
     return {**row, "label": f"{row['label']}, bits after training", "slot": f"{row['slot']}, bits after training",
             "point": f"{row['point']}; bits " + " ".join(f"{n} {b}" for n, b in bits.items()),
-            **scored(rebit, baseline, baseline_correct, work), "trials": [],
+            **scored(rebit, baseline, baseline_correct, work), "trials": [], "chosen": None,
             "seconds": round(sum(stages.seconds().values()), 1), "dir": str(work)}
 
 
@@ -337,6 +337,11 @@ def plot(report: dict, path: Path) -> None:
     save_png(fig, path, dpi=110)
 
 
+def trial_column(row: dict) -> str:
+    """Which trial the row is ("2 of 4"); "-" for a row that re-encodes another's trained weights."""
+    return f"{row['chosen']} of {len(row['trials'])}" if row.get("trials") else "-"
+
+
 def tuning_sentence(report: dict) -> str:
     if not report.get("trial_iterations"):
         return "One run per method and operating point (no tuning trials)."
@@ -356,7 +361,7 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         lines.append(f"| {r['label']} | {r['point']} | {r['bytes']:,} | {r['rate']:.1f}x | "
                      f"{100 * r['test_top1']:.2f}% | {r['test_drop']:+.2f} | {r['val_drop']:+.2f} +- "
-                     f"{r['val_drop_se']:.2f} | {r.get('chosen', 1)} of {max(len(r.get('trials', [])), 1)} | "
+                     f"{r['val_drop_se']:.2f} | {trial_column(r)} | "
                      f"{r['seconds']:.0f} s |")
     tuned_rows = [r for r in report["rows"] if r.get("trials")]
     if tuned_rows:
