@@ -272,3 +272,18 @@ def test_the_final_model_is_written_as_onnx_scoring_caffes_test_top1_in_onnxrunt
     messages = []
     pipeline.run(config(mlp, out, plan=plan, max_iter=5), log=messages.append)
     assert messages and all(m.endswith("up to date, skipped") for m in messages)
+
+
+def test_a_fine_tuning_that_ends_with_nan_weights_is_refused_as_diverged(tmp_path, trained_mlp):
+    from clipq.methods.clipq import ClipQ
+    from clipq.plan import LayerPlan
+    layers = caffemodel.read(trained_mlp["weights"])
+    for layer in layers:
+        if layer.name == "ip1":
+            layer.blobs[0] = layer.blobs[0].copy()
+            layer.blobs[0][0, 0] = np.nan
+    diverged = tmp_path / "diverged.caffemodel"
+    caffemodel.write(layers, diverged)
+    method = ClipQ("clipq", {}, plan={"ip1": LayerPlan(0.5, 4)}, bias={"ip1": True})
+    with pytest.raises(pipeline.Diverged, match="ip1 has NaN or Inf values: the fine-tuning diverged"):
+        pipeline.method_layers(method, diverged, caffe_io.read_net_param(trained_mlp["model"]))

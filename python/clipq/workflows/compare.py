@@ -137,6 +137,21 @@ def operating_points(config: CompareConfig, net_name: str, sizes: SizeModel, his
     return points
 
 
+def run_trial(short, nets, work: Path, trial: Trial, baseline_correct: np.ndarray, log) -> dict:
+    """One trial at the trials' length, scored on the validation images only; a diverged one is recorded as such
+    (it is never chosen)."""
+    stages = pipeline.Stages(work)
+    try:
+        pipeline.compress_method(short, nets, stages, trial.make(), Path(short.weights), log, test=False)
+    except pipeline.Diverged as error:
+        log(f"[compare] trial diverged: {error}")
+        return {"label": trial.label, "val_drop": None, "val_drop_se": None, "diverged": True,
+                "seconds": round(sum(stages.seconds().values()), 1)}
+    drop = budget.paired_drop(baseline_correct, np.load(work / "val_correct.npy"))
+    return {"label": trial.label, "val_drop": drop.points, "val_drop_se": drop.se, "diverged": False,
+            "seconds": round(sum(stages.seconds().values()), 1)}
+
+
 def trial_iterations(config: CompareConfig, iterations: int) -> int:
     return max(1, round(iterations * config.trial_share))
 
@@ -191,12 +206,8 @@ def _compare(config: CompareConfig, log) -> dict:
         if len(point.trials) > 1:
             for k, trial in enumerate(point.trials, 1):
                 log(f"[compare {number}/{len(points)}, trial {k}/{len(point.trials)}] {label}, {trial.label}")
-                result = pipeline.compress_method(short, nets, pipeline.Stages(work / "trials" / str(k)), trial.make(),
-                                                  Path(cc.weights), log, test=False)
-                drop = budget.paired_drop(baseline_correct, np.load(work / "trials" / str(k) / "val_correct.npy"))
-                tried.append({"label": trial.label, "val_drop": drop.points, "val_drop_se": drop.se,
-                              "seconds": round(sum(result["seconds"].values()), 1)})
-        chosen = int(np.argmin([t["val_drop"] for t in tried])) if tried else 0
+                tried.append(run_trial(short, nets, work / "trials" / str(k), trial, baseline_correct, log))
+        chosen = int(np.argmin([np.inf if t["diverged"] else t["val_drop"] for t in tried])) if tried else 0
         final = point.final[chosen]
         log(f"[compare {number}/{len(points)}] {label}, {final.label}")
         result = pipeline.compress_method(cc, nets, pipeline.Stages(work), final.make(), Path(cc.weights), log)
@@ -337,6 +348,12 @@ def plot(report: dict, path: Path) -> None:
     save_png(fig, path, dpi=110)
 
 
+def trial_result(trial: dict) -> str:
+    if trial.get("diverged"):
+        return "diverged (NaN or Inf weights)"
+    return f"{trial['val_drop']:+.2f} +- {trial['val_drop_se']:.2f}"
+
+
 def trial_column(row: dict) -> str:
     """Which trial the row is ("2 of 4"); "-" for a row that re-encodes another's trained weights."""
     return f"{row['chosen']} of {len(row['trials'])}" if row.get("trials") else "-"
@@ -368,8 +385,8 @@ def markdown(report: dict) -> str:
         lines += ["", "The trials (validation drop after the trial's iterations; the chosen one in bold):", ""]
         for r in tuned_rows:
             lines.append(f"- {r['label']}, {r['slot']}:")
-            lines += [f"  - {'**' if k == r['chosen'] else ''}{t['label']}: {t['val_drop']:+.2f} +- "
-                      f"{t['val_drop_se']:.2f}{'**' if k == r['chosen'] else ''}" for k, t in enumerate(r["trials"], 1)]
+            lines += [f"  - {'**' if k == r['chosen'] else ''}{t['label']}: {trial_result(t)}"
+                      f"{'**' if k == r['chosen'] else ''}" for k, t in enumerate(r["trials"], 1)]
     lines += ["", "The paper's Table 4 (AlexNet on ImageNet, as printed):", "",
               "| method | top-1 change | size |", "|---|---:|---:|"]
     lines += [f"| {m} | {d} | {s} |" for m, d, s in PAPER_TABLE4]

@@ -359,11 +359,19 @@ def score_training_sample(config: CompressConfig, nets: Nets, count: int) -> dic
     return {"accuracy": float(correct.mean()), "images": int(correct.size)}
 
 
+class Diverged(ClipqError):
+    """A fine-tuning that ended with NaN or Inf weights."""
+
+
 def method_layers(method: Method, trained: Path, plain_net) -> list[sparse_codec.Layer]:
     """Every layer with weights of a trained method caffemodel as the codec stores it: the method's
     layers as its export says, the others raw."""
     types = {layer.name: layer.type for layer in plain_net.layer}
     by_name = {layer.name: layer for layer in caffemodel.read(trained) if layer.blobs}
+    for name in method.layers():
+        if not all(np.isfinite(b).all() for b in by_name[name].blobs):
+            raise Diverged(f"{trained}: layer {name} has NaN or Inf values: the fine-tuning diverged (try a lower "
+                           "learning rate)")
     stored = method.export({n: by_name[n].blobs for n in method.layers()})
     layers = []
     for name, layer in by_name.items():
