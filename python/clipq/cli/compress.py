@@ -144,10 +144,9 @@ def add_compare(sub) -> None:
                                    "CLIP-Q's --matched smallest points (Deep Compression also at its paper's LeNet "
                                    "setting). Every method fine-tunes the solver's max_iter iterations in all (a "
                                    "multi-phase method runs the schedule compressed into each phase) with real "
-                                   "`caffe train`, after --trials shorter trials of its settings chosen on --val, "
-                                   "the same number for every method; it "
-                                   "`caffe train`, is stored as a .clipq file, decoded and evaluated on the TEST "
-                                   "set. Writes OUT/compare.md, compare.json and plots/compare.png; every run is "
+                                   "`caffe train`, after --trials shorter trials of its settings chosen on --val "
+                                   "(the same number for every method), is stored as a .clipq file, decoded and "
+                                   "evaluated on the TEST set. Writes OUT/compare.md, compare.json and plots/compare.png; every run is "
                                    "under OUT/runs/ and resumable.",
                        epilog="example (what `make compare` runs for LeNet-5):\n"
                               "  clipq compare --model prototxt/lenet5/train_val.prototxt \\\n"

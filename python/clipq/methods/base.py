@@ -162,7 +162,7 @@ class Trial:
 class OperatingPoint:
     """One operating point of a method in `clipq compare`: which slot it fills (the same across seeds) and the
     settings the method offers to try there, its best guess first. `clipq compare` fine-tunes an equal number of
-    trials for every method (topping a short list up with learning-rate variants, `with_lr`), keeps the one with
+    trials for every method (topping a short list up with learning-rate variants, `lr_variant`), keeps the one with
     the smallest validation drop and scores only that one on the test set."""
 
     slot: str

@@ -31,6 +31,7 @@ from clipq.methods.base import (
     kept_plan,
     lr_variant,
     own,
+    shared,
 )
 from clipq.methods.deep_compression import share_weights
 from clipq.methods.registry import METHODS
@@ -212,8 +213,8 @@ def quantized_top_kappa(vectors: dict[str, np.ndarray], kappa: int, bits: int) -
 
 
 def shared_values(theta: np.ndarray, bits: int) -> np.ndarray:
-    codes, codebook = share_weights(theta, theta != 0, bits)
-    return np.where(codes > 0, np.concatenate([[0.0], codebook])[codes], 0).astype(np.float32)
+    """A layer's kept values on their k-means levels (zeros stay zero)."""
+    return shared(*share_weights(theta, theta != 0, bits))
 
 
 @METHODS.register

@@ -51,7 +51,7 @@ def capped_settings(settings: SearchSettings, entries: int, source: str,
     """The settings with the subset capped to the LMDB's `entries` (a multiple of the eval batch)."""
     if settings.subset <= entries:
         return settings
-    capped = entries if entries <= subset_eval.EVAL_BATCH else entries - entries % subset_eval.EVAL_BATCH
+    capped = subset_eval.usable_count(entries)
     log(f"[search] {source} has {entries} images, fewer than --subset {settings.subset}: using {capped}")
     return replace(settings, subset=capped)
 

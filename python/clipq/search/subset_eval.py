@@ -60,6 +60,12 @@ def write_subset(train_lmdb: str, count: int, seed: int, out: Path) -> None:
     caffe_io.copy_lmdb(train_lmdb, out, chosen, "training LMDB")
 
 
+def usable_count(entries: int) -> int:
+    """How many of an LMDB's `entries` the evaluator can score: all of them up to one eval batch, else the
+    largest multiple of EVAL_BATCH."""
+    return entries if entries <= EVAL_BATCH else entries - entries % EVAL_BATCH
+
+
 def eval_batch(count: int) -> int:
     """Batch size of the subset net: EVAL_BATCH, or the whole subset if smaller."""
     return min(EVAL_BATCH, count)

@@ -284,8 +284,7 @@ def bits_after_training(cc, method, result: dict, work: Path) -> dict[str, int]:
 
 def validation_evaluator(cc, weights: Path, work: Path) -> subset_eval.SubsetEvaluator:
     """Top-1 error on the whole validation LMDB (to a multiple of the eval batch) with `weights`."""
-    entries = caffe_io.lmdb_entries(cc.val, "validation LMDB (--val)")
-    count = entries if entries <= subset_eval.EVAL_BATCH else entries - entries % subset_eval.EVAL_BATCH
+    count = subset_eval.usable_count(caffe_io.lmdb_entries(cc.val, "validation LMDB (--val)"))
     net, blobs = subset_eval.eval_net_param(caffe_io.read_net_param(cc.model), Path(cc.val).resolve(), count,
                                             str(cc.model))
     prototxt = work / "val_net.prototxt"
